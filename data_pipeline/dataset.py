@@ -1,0 +1,97 @@
+"""Torch dataset (image, metadata vector, label) and the class-balancing sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+from data_pipeline.errors import DataError, DermError
+from data_pipeline.ham10000 import metadata_matrix
+from data_pipeline.images import load_rgb
+from data_pipeline.schema import CLASSES, FIELDS, blank_fields
+from data_pipeline.transforms import ImageTransform
+
+
+class LesionDataset(Dataset):
+    """Rows of a loaded metadata table (see :func:`data_pipeline.ham10000.load_metadata`).
+
+    ``blank_prob`` is the per-field probability of replacing age / sex / site with "unknown" in
+    training, so the fused model stays useful when a user leaves fields empty.
+    """
+
+    def __init__(
+        self,
+        df: pd.DataFrame,
+        transform: ImageTransform,
+        blank_prob: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.paths = df["path"].tolist()
+        self.labels = df["label"].to_numpy(dtype=np.int64)
+        self.meta = metadata_matrix(df) if len(df) else np.zeros((0, 0), np.float32)
+        self.transform = transform
+        self.blank_prob = blank_prob
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = load_rgb(Path(self.paths[i]))
+        except DermError as exc:
+            raise DataError(str(exc)) from None
+        meta = self.meta[i]
+        if self.blank_prob > 0:
+            drop = [f for f in FIELDS if self.rng.random() < self.blank_prob]
+            if drop:
+                meta = blank_fields(meta, drop)
+        return self.transform(image), torch.from_numpy(meta), int(self.labels[i])
+
+
+def class_counts(labels: Sequence[int], n_classes: int = len(CLASSES)) -> np.ndarray:
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)
+
+
+def class_sampling_weights(counts: np.ndarray, power: float) -> np.ndarray:
+    """Per-class weight for one sample: ``(1 / n_c) ** power`` (0 for absent classes).
+
+    The expected sampled share of class c is then proportional to ``n_c ** (1 - power)``:
+    power 0 keeps the natural 60:1 imbalance, 1 samples every class equally, 0.5 is in between.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    weights = np.zeros_like(counts)
+    present = counts > 0
+    weights[present] = (1.0 / counts[present]) ** power
+    return weights
+
+
+def expected_class_share(counts: np.ndarray, power: float) -> np.ndarray:
+    """The class distribution a sampler with this ``power`` draws, in expectation."""
+    mass = np.asarray(counts, dtype=np.float64) * class_sampling_weights(counts, power)
+    return mass / mass.sum()
+
+
+def make_weighted_sampler(
+    labels: Sequence[int],
+    power: float = 0.5,
+    num_samples: int | None = None,
+    seed: int = 0,
+) -> WeightedRandomSampler:
+    """A :class:`WeightedRandomSampler` drawing class c with share ∝ ``n_c ** (1 - power)``."""
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"sampler power must be in [0, 1], got {power}")
+    labels = np.asarray(labels, dtype=np.int64)
+    per_class = class_sampling_weights(class_counts(labels), power)
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(
+        weights=torch.as_tensor(per_class[labels], dtype=torch.double),
+        num_samples=num_samples or len(labels),
+        replacement=True,
+        generator=generator,
+    )

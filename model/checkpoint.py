@@ -1,0 +1,144 @@
+"""Self-describing checkpoints: ``model.safetensors`` + ``config.json`` in one folder.
+
+Like timm's ``pretrained_cfg``, the config carries everything needed to use the weights — backbone,
+preprocessing (input size, mean/std), class order and names, metadata vocabulary, temperature —
+plus how the model was made (command, split-file hash) and its metrics. Nothing is re-declared
+by the code that loads it, and loading never unpickles code (safetensors only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from data_pipeline.errors import DermError
+from data_pipeline.schema import check_vocabulary, vocabulary
+from data_pipeline.transforms import Preprocessing
+from model.network import FusionNet, ModelConfig
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+#: The model shipped with the package and used when no --checkpoint is given.
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+class CheckpointError(DermError):
+    """A checkpoint folder that is missing, incomplete or incompatible."""
+
+
+@dataclass
+class CheckpointConfig:
+    name: str
+    model: ModelConfig
+    preprocessing: Preprocessing
+    temperature: float = 1.0
+    vocabulary: dict[str, Any] = field(default_factory=vocabulary)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    ood: dict[str, Any] = field(default_factory=dict)
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    weights_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def version(self) -> str:
+        """Human-readable model version: name + first 12 hex digits of the weights hash."""
+        return f"{self.name}@{self.weights_sha256[:12]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "name": self.name,
+            "created_at": self.created_at,
+            "weights_sha256": self.weights_sha256,
+            "model": self.model.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "temperature": self.temperature,
+            "vocabulary": self.vocabulary,
+            "training": self.training,
+            "metrics": self.metrics,
+            "ood": self.ood,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CheckpointConfig":
+        if d.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"Unsupported checkpoint format {d.get('format_version')!r}.")
+        return cls(
+            name=d["name"],
+            model=ModelConfig.from_dict(d["model"]),
+            preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+            temperature=float(d["temperature"]),
+            vocabulary=d["vocabulary"],
+            training=d.get("training", {}),
+            metrics=d.get("metrics", {}),
+            ood=d.get("ood", {}),
+            created_at=d["created_at"],
+            weights_sha256=d.get("weights_sha256", ""),
+        )
+
+
+def resolve_dir(path: Path | str | None) -> Path:
+    """A checkpoint folder from a folder, a config.json / model.safetensors path, or None."""
+    if path is None:
+        path = SHIPPED_DIR
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(
+            f"{path} is not a checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})."
+        )
+    return path
+
+
+def save_checkpoint(model: FusionNet, cfg: CheckpointConfig, out_dir: Path | str) -> Path:
+    """Write weights then config (config last, so a folder with a config is complete)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS_FILE))
+    cfg.weights_sha256 = hashlib.sha256((out_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
+    write_config(cfg, out_dir)
+    return out_dir
+
+
+def write_config(cfg: CheckpointConfig, out_dir: Path | str) -> None:
+    path = Path(out_dir) / CONFIG_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def load_config(path: Path | str | None) -> CheckpointConfig:
+    folder = resolve_dir(path)
+    try:
+        data = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{folder / CONFIG_FILE} is not valid JSON ({exc}).") from None
+    cfg = CheckpointConfig.from_dict(data)
+    check_vocabulary(cfg.vocabulary)
+    return cfg
+
+
+def load_checkpoint(
+    path: Path | str | None = None, device: str | torch.device = "cpu"
+) -> tuple[FusionNet, CheckpointConfig]:
+    """Rebuild the network from its config and load the weights; returns (model.eval(), cfg)."""
+    folder = resolve_dir(path)
+    cfg = load_config(folder)
+    model = FusionNet(cfg.model, pretrained=False)
+    state = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{folder}: weights do not match the config ({exc}).") from None
+    return model.to(device).eval(), cfg

@@ -1,0 +1,178 @@
+"""The predictor: checkpoint + image + optional metadata → calibrated probabilities (+ explanations).
+
+Usable without any UI (FSDL style): the CLIs, the history service and the Gradio app all call
+:meth:`Predictor.predict`. Preprocessing comes from the checkpoint's config, never re-declared.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_pipeline.images import ImageSource, load_rgb
+from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT, Metadata
+from data_pipeline.transforms import ImageTransform, crop_to_aspect
+from model.attribution import gradcam, metadata_contributions
+from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
+from model.engine import tta_logits
+from model.ood import OOD_FILE, FeatureDistance
+
+#: Below this calibrated top-class probability a prediction is flagged as low confidence.
+LOW_CONFIDENCE = 0.5
+#: A malignant class with at least this probability is flagged, even when it is not the top one.
+MALIGNANT_FLAG = 0.2
+
+
+@dataclass
+class Prediction:
+    """One prediction; probabilities are temperature-calibrated and in :data:`CLASSES` order."""
+
+    probabilities: dict[str, float]
+    metadata: Metadata
+    model_version: str
+    latency_ms: float = 0.0
+    heatmap: np.ndarray | None = None  # (H, W) float32 in [0, 1] over ``image``
+    image: np.ndarray | None = None  # the RGB image the heatmap refers to (aspect-cropped)
+    metadata_contributions: dict[str, float] | None = None
+    attribution_target: str | None = None
+    ood_distance: float | None = None
+    ood_threshold: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ranked(self) -> list[tuple[str, float]]:
+        return sorted(self.probabilities.items(), key=lambda kv: -kv[1])
+
+    @property
+    def top_class(self) -> str:
+        return self.ranked[0][0]
+
+    @property
+    def top_probability(self) -> float:
+        return self.ranked[0][1]
+
+    @property
+    def malignant_flag(self) -> list[str]:
+        """Malignant classes that rank first or reach :data:`MALIGNANT_FLAG`."""
+        return [
+            c for c, p in self.ranked if c in MALIGNANT and (p >= MALIGNANT_FLAG or c == self.top_class)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary (no arrays)."""
+        return {
+            "top_class": self.top_class,
+            "top_class_name": CLASS_NAMES[self.top_class],
+            "top_probability": self.top_probability,
+            "probabilities": dict(self.ranked),
+            "metadata": self.metadata.as_dict(),
+            "metadata_contributions": self.metadata_contributions,
+            "attribution_target": self.attribution_target,
+            "malignant_flag": self.malignant_flag,
+            "warnings": list(self.warnings),
+            "ood_distance": self.ood_distance,
+            "ood_threshold": self.ood_threshold,
+            "model_version": self.model_version,
+            "latency_ms": self.latency_ms,
+        }
+
+
+class Predictor:
+    """Loads a self-describing checkpoint once and serves predictions (thread-safe for reads)."""
+
+    def __init__(self, model, config: CheckpointConfig, folder: Path, device: str = "cpu") -> None:
+        self.model = model.eval()
+        self.config = config
+        self.folder = folder
+        self.device = torch.device(device)
+        self.transform = ImageTransform(config.preprocessing, train=False)
+        self.ood: FeatureDistance | None = None
+        if config.ood and (folder / OOD_FILE).is_file():
+            self.ood = FeatureDistance.load(folder, config.ood["threshold"])
+
+    @classmethod
+    def from_checkpoint(cls, path: Path | str | None = None, device: str = "cpu") -> "Predictor":
+        """``path`` None → the shipped model."""
+        folder = resolve_dir(path)
+        model, cfg = load_checkpoint(folder, device=device)
+        return cls(model, cfg, folder, device)
+
+    @property
+    def version(self) -> str:
+        return self.config.version
+
+    @property
+    def uses_metadata(self) -> bool:
+        return self.config.model.use_metadata
+
+    def preprocess(self, image: ImageSource) -> tuple[np.ndarray, torch.Tensor]:
+        """Decode + crop to the training aspect → (RGB array shown to users, model input batch)."""
+        rgb = crop_to_aspect(load_rgb(image), self.config.preprocessing.source_aspect)
+        return rgb, self.transform(rgb)[None].to(self.device)
+
+    def predict(
+        self,
+        image: ImageSource,
+        age: Any = None,
+        sex: Any = None,
+        site: Any = None,
+        explain: bool = True,
+        target: str | None = None,
+        tta: bool = False,
+    ) -> Prediction:
+        """Validate inputs, predict, optionally explain. Raises ``DermError`` subclasses on bad
+        input (before any model work), so callers can show the message and store nothing."""
+        t0 = time.perf_counter()
+        meta = Metadata.parse(age, sex, site)
+        if target is not None and target not in CLASSES:
+            raise ValueError(f"unknown target class {target!r}")
+        rgb, x = self.preprocess(image)
+        m = torch.as_tensor(meta.encode(), device=self.device)[None]
+        temperature = self.config.temperature
+        with torch.no_grad():
+            features = self.model.image_features(x)
+            logits = tta_logits(self.model, x, m) if tta else self.model.head(features, m)
+            probs = torch.softmax(logits / temperature, dim=1)[0].cpu().numpy()
+        pred = Prediction(
+            probabilities={c: float(p) for c, p in zip(CLASSES, probs)},
+            metadata=meta,
+            model_version=self.version,
+            image=rgb,
+        )
+        if self.ood is not None:
+            pred.ood_distance = float(self.ood.distance(features.cpu())[0])
+            pred.ood_threshold = self.ood.threshold
+            if pred.ood_distance > self.ood.threshold:
+                pred.warnings.append(
+                    "Unreliable: this image is unlike the dermoscopy images the model was trained "
+                    f"on (feature distance {pred.ood_distance:.1f} > {self.ood.threshold:.1f}, the "
+                    "99th percentile of validation images)."
+                )
+        if pred.top_probability < LOW_CONFIDENCE:
+            pred.warnings.append(
+                f"Low confidence: the top class has probability {pred.top_probability:.0%} "
+                f"(< {LOW_CONFIDENCE:.0%})."
+            )
+        if explain:
+            tgt = CLASSES.index(target) if target else int(np.argmax(probs))
+            pred.attribution_target = CLASSES[tgt]
+            pred.metadata_contributions = metadata_contributions(
+                self.model, features, m, tgt, temperature
+            )
+            heat = gradcam(self.model, x, m, tgt)
+            pred.heatmap = _resize_heatmap(heat, rgb.shape[:2])
+        pred.latency_ms = (time.perf_counter() - t0) * 1000.0
+        return pred
+
+
+def _resize_heatmap(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a [0, 1] heatmap from the model's input grid to the displayed image."""
+    import cv2
+
+    h, w = shape
+    return np.clip(cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
