@@ -148,7 +148,7 @@ def metadata_matrix(df: pd.DataFrame):
 
     return np.stack(
         [
-            Metadata(None if pd.isna(a) else float(a), s, l).encode()
-            for a, s, l in zip(df["age"], df["sex"], df["localization"])
+            Metadata(None if pd.isna(a) else float(a), s, site).encode()
+            for a, s, site in zip(df["age"], df["sex"], df["localization"])
         ]
     )

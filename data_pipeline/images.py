@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,7 +20,7 @@ MIN_SIDE = 32
 #: Refuse images larger than this many pixels (decompression bombs; 60 MP ≈ a 9000×6700 photo).
 MAX_PIXELS = 60_000_000
 
-ImageSource = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
+ImageSource = str | Path | bytes | bytearray | Image.Image | np.ndarray
 
 
 def _open(source: ImageSource, name: str) -> Image.Image:
@@ -53,7 +52,9 @@ def _open(source: ImageSource, name: str) -> Image.Image:
             f"{name}: the image is too large to decode safely (limit {MAX_PIXELS // 1_000_000} MP)."
         ) from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file PIL can read (JPEG, PNG, TIFF, ...).") from None
+        raise ImageError(
+            f"{name}: not an image file PIL can read (JPEG, PNG, TIFF, ...)."
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: the image file is corrupt or truncated ({exc}).") from None
     return img
@@ -91,7 +92,9 @@ def _check_size(size: tuple[int, int], name: str) -> None:
             f"(limit {MAX_PIXELS // 1_000_000} MP)."
         )
     if min(w, h) < MIN_SIDE:
-        raise ImageError(f"{name}: {w}×{h} pixels is too small (need at least {MIN_SIDE} per side).")
+        raise ImageError(
+            f"{name}: {w}×{h} pixels is too small (need at least {MIN_SIDE} per side)."
+        )
 
 
 def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:

@@ -138,7 +138,7 @@ class Metadata:
     site: str = UNKNOWN
 
     @classmethod
-    def parse(cls, age: Any = None, sex: Any = None, site: Any = None) -> "Metadata":
+    def parse(cls, age: Any = None, sex: Any = None, site: Any = None) -> Metadata:
         """Validate raw user / CSV values; raises :class:`MetadataError` with a readable message."""
         return cls(normalize_age(age), normalize_sex(sex), normalize_site(site))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
 from data_pipeline.errors import DataError
 
@@ -24,8 +24,18 @@ SPLIT_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "split")
 def _one_fold(labels: np.ndarray, groups: np.ndarray, frac: float, seed: int) -> np.ndarray:
     """Boolean mask of one fold holding about ``frac`` of the rows, grouped and stratified."""
     n_splits = max(2, round(1.0 / frac))
-    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, held = next(iter(sgkf.split(np.zeros(len(labels)), labels, groups)))
+    if len(np.unique(groups)) < n_splits:
+        raise DataError(
+            f"Only {len(np.unique(groups))} lesions: too few to hold out {frac:.0%} of them."
+        )
+    try:
+        sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        _, held = next(iter(sgkf.split(np.zeros(len(labels)), labels, groups)))
+    except ValueError:
+        # Every class is smaller than the number of folds (tiny datasets): stratification is
+        # impossible, so fall back to a plain grouped split — lesions still never cross.
+        gss = GroupShuffleSplit(n_splits=1, test_size=frac, random_state=seed)
+        _, held = next(iter(gss.split(np.zeros(len(labels)), labels, groups)))
     mask = np.zeros(len(labels), dtype=bool)
     mask[held] = True
     return mask

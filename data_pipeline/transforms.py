@@ -44,7 +44,7 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
@@ -93,7 +93,8 @@ def build_transform(
         resize,
         A.HorizontalFlip(p=aug.flip),
         A.VerticalFlip(p=aug.flip),
-        A.RandomRotate90(p=aug.rotate90),
+        # 90° turns would swap height and width of a non-square input.
+        A.RandomRotate90(p=aug.rotate90 if pre.height == pre.width else 0.0),
         A.Affine(
             scale=(0.9, 1.15),
             translate_percent=(-0.06, 0.06),

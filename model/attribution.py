@@ -24,14 +24,14 @@ from data_pipeline.schema import FIELD_SLICES, FIELDS, META_DIM, UNKNOWN_VECTOR
 from model.network import FusionNet
 
 
-def gradcam(
-    model: FusionNet, image: torch.Tensor, meta: torch.Tensor, target: int
-) -> np.ndarray:
+def gradcam(model: FusionNet, image: torch.Tensor, meta: torch.Tensor, target: int) -> np.ndarray:
     """Grad-CAM heatmap for ``target``, shape (H, W) of ``image``, values in [0, 1]."""
     model.eval()
     cam = LayerGradCam(model, model.last_conv)
     with torch.enable_grad():
-        attr = cam.attribute(image, target=target, additional_forward_args=(meta,), relu_attributions=True)
+        attr = cam.attribute(
+            image, target=target, additional_forward_args=(meta,), relu_attributions=True
+        )
     up = LayerAttribution.interpolate(attr, tuple(image.shape[-2:]), interpolate_mode="bilinear")
     heat = up[0, 0].detach().float().cpu().numpy()
     heat = np.maximum(heat, 0.0)
@@ -66,5 +66,7 @@ def metadata_contributions(
     ablation = FeatureAblation(prob_of_target)
     baseline = torch.as_tensor(UNKNOWN_VECTOR, dtype=meta.dtype, device=meta.device)[None]
     with torch.no_grad():
-        attr = ablation.attribute(meta, baselines=baseline, feature_mask=_field_mask().to(meta.device))
+        attr = ablation.attribute(
+            meta, baselines=baseline, feature_mask=_field_mask().to(meta.device)
+        )
     return {field: float(attr[0, FIELD_SLICES[field].start]) for field in FIELDS}

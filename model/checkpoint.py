@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ class CheckpointConfig:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     ood: dict[str, Any] = field(default_factory=dict)
-    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     weights_sha256: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -69,7 +69,7 @@ class CheckpointConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CheckpointConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CheckpointConfig:
         if d.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"Unsupported checkpoint format {d.get('format_version')!r}.")
         return cls(

@@ -19,9 +19,7 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return cm
 
 
-def expected_calibration_error(
-    probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15
-) -> float:
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> float:
     """Top-label ECE with equal-width confidence bins."""
     conf = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y_true
@@ -52,9 +50,7 @@ def _safe_div(a: float, b: float) -> float:
     return float(a / b) if b else 0.0
 
 
-def compute_metrics(
-    y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str]
-) -> dict:
+def compute_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str]) -> dict:
     """All metrics reported by evaluation and stored in checkpoints (JSON-serialisable)."""
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -94,7 +90,9 @@ def compute_metrics(
         "classes": list(classes),
         "classes_present": [c for c, p in zip(classes, present) if p],
         "accuracy": _safe_div(tp.sum(), len(y_true)),
-        "balanced_accuracy": float(np.mean(tp[present] / support[present])) if present.any() else 0.0,
+        "balanced_accuracy": float(np.mean(tp[present] / support[present]))
+        if present.any()
+        else 0.0,
         "macro_f1": float(f1s[present].mean()) if present.any() else 0.0,
         "weighted_f1": _safe_div(float((f1s * support).sum()), float(support.sum())),
         "macro_auc": float(np.mean(valid_aucs)) if valid_aucs else None,

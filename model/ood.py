@@ -31,16 +31,20 @@ class FeatureDistance:
         return (((features.float() - self.mean) ** 2) / self.var).mean(dim=1)
 
     def save(self, folder: Path) -> None:
-        save_file({"mean": self.mean.contiguous(), "var": self.var.contiguous()}, str(folder / OOD_FILE))
+        save_file(
+            {"mean": self.mean.contiguous(), "var": self.var.contiguous()}, str(folder / OOD_FILE)
+        )
 
     @classmethod
-    def load(cls, folder: Path, threshold: float) -> "FeatureDistance":
+    def load(cls, folder: Path, threshold: float) -> FeatureDistance:
         t = load_file(str(Path(folder) / OOD_FILE))
         return cls(t["mean"], t["var"], threshold)
 
 
 @torch.no_grad()
-def fit_ood(model, loader: DataLoader, device: torch.device | str = "cpu") -> tuple[FeatureDistance, dict]:
+def fit_ood(
+    model, loader: DataLoader, device: torch.device | str = "cpu"
+) -> tuple[FeatureDistance, dict]:
     """Fit statistics on ``loader``'s images; returns the detector and its config entry."""
     model.eval()
     feats = torch.cat([model.image_features(x.to(device)).float().cpu() for x, _, _ in loader])

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline.errors import MetadataError
 from data_pipeline.images import ImageSource, load_rgb
 from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT, Metadata
 from data_pipeline.transforms import ImageTransform, crop_to_aspect
@@ -60,7 +61,9 @@ class Prediction:
     def malignant_flag(self) -> list[str]:
         """Malignant classes that rank first or reach :data:`MALIGNANT_FLAG`."""
         return [
-            c for c, p in self.ranked if c in MALIGNANT and (p >= MALIGNANT_FLAG or c == self.top_class)
+            c
+            for c, p in self.ranked
+            if c in MALIGNANT and (p >= MALIGNANT_FLAG or c == self.top_class)
         ]
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,7 +99,7 @@ class Predictor:
             self.ood = FeatureDistance.load(folder, config.ood["threshold"])
 
     @classmethod
-    def from_checkpoint(cls, path: Path | str | None = None, device: str = "cpu") -> "Predictor":
+    def from_checkpoint(cls, path: Path | str | None = None, device: str = "cpu") -> Predictor:
         """``path`` None → the shipped model."""
         folder = resolve_dir(path)
         model, cfg = load_checkpoint(folder, device=device)
@@ -130,7 +133,9 @@ class Predictor:
         t0 = time.perf_counter()
         meta = Metadata.parse(age, sex, site)
         if target is not None and target not in CLASSES:
-            raise ValueError(f"unknown target class {target!r}")
+            raise MetadataError(
+                f"Unknown target class {target!r}: expected one of {', '.join(CLASSES)}."
+            )
         rgb, x = self.preprocess(image)
         m = torch.as_tensor(meta.encode(), device=self.device)[None]
         temperature = self.config.temperature

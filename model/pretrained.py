@@ -43,17 +43,15 @@ def offline_weights_path(backbone: str) -> Path | None:
 
 
 def map_state_dict_in_order(
-    source: "OrderedDict[str, torch.Tensor]", target: nn.Module
-) -> "OrderedDict[str, torch.Tensor]":
+    source: OrderedDict[str, torch.Tensor], target: nn.Module
+) -> OrderedDict[str, torch.Tensor]:
     """Rename ``source`` tensors to ``target``'s state-dict keys by position, checking shapes.
 
     Only the backbone's own entries are matched (a classifier head in the source is dropped when
     the target has none). Raises :class:`WeightsError` naming the first mismatch.
     """
-    target_items = [
-        (k, v) for k, v in target.state_dict().items() if not k.endswith("num_batches_tracked")
-    ]
-    source_items = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    target_items = list(target.state_dict().items())
+    source_items = list(source.items())
     if len(source_items) < len(target_items):
         raise WeightsError(
             f"Pretrained file has {len(source_items)} tensors, backbone needs {len(target_items)}."
@@ -84,9 +82,10 @@ def load_offline_imagenet(model: nn.Module, backbone: str, path: Path | None = N
     source = torch.load(path, map_location="cpu", weights_only=True)
     mapped = map_state_dict_in_order(source, model)
     missing, unexpected = model.load_state_dict(mapped, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise WeightsError(f"Weights did not fully load: missing {missing[:3]}, extra {unexpected}.")
+        raise WeightsError(
+            f"Weights did not fully load: missing {missing[:3]}, extra {unexpected}."
+        )
     return len(mapped)
 
 

@@ -237,7 +237,9 @@ def train(cfg: TrainConfig) -> Path:
             sched.step()
             seen += len(y)
             total_loss += loss.item() * len(y)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", img_s=f"{seen / (time.time() - t0):.1f}")
+            bar.set_postfix(
+                loss=f"{total_loss / seen:.3f}", img_s=f"{seen / (time.time() - t0):.1f}"
+            )
         bar.close()
         train_time = time.time() - t0
         logits, labels = collect_logits(model, loaders["val"], device)

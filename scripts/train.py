@@ -1,8 +1,8 @@
 """Train the fusion (or image-only) model on a HAM10000-format folder.
 
-    python -m scripts.train --data-dir ../shared/ham10000 --out runs/fusion
-    python -m scripts.train --data-dir ../shared/ham10000 --out runs/image_only --image-only
-    python -m scripts.train ... --resume          # continue a killed run
+python -m scripts.train --data-dir ../shared/ham10000 --out runs/fusion
+python -m scripts.train --data-dir ../shared/ham10000 --out runs/image_only --image-only
+python -m scripts.train ... --resume          # continue a killed run
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         default = getattr(defaults, f.name)
         p.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(default), default=default,
+            "--" + f.name.replace("_", "-"),
+            type=type(default),
+            default=default,
             help=f"(default: {default})",
         )
     return p

@@ -61,7 +61,9 @@ def write_synthetic_ham(
             if layout == "flat":
                 folder = root / "images"
             else:
-                folder = root / ("HAM10000_images_part_1" if n % 2 == 0 else "HAM10000_images_part_2")
+                folder = root / (
+                    "HAM10000_images_part_1" if n % 2 == 0 else "HAM10000_images_part_2"
+                )
             folder.mkdir(exist_ok=True)
             w, h = size
             img = np.empty((h, w, 3), dtype=np.uint8)

@@ -1,0 +1,188 @@
+"""Serve the DermFusion web app (research and education only — not a diagnosis).
+
+    python -m app                                   # shipped model, sqlite:///predictions.db
+    python -m app --checkpoint runs/fusion --db sqlite:///history.db --port 7861
+    python -m app --share --auth alice:s3cret       # temporary public link, password protected
+
+The history database is --db, else $SKIN_DB_URL, else sqlite:///predictions.db in the current
+directory. --share asks Gradio for a temporary public *.gradio.live link; without internet no link
+can be made and the app keeps serving locally. Always combine --share with --auth: anyone with
+the link can otherwise use the app and read its prediction history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_pipeline.errors import DermError
+from scripts._cli import run_cli
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+
+
+@dataclass
+class Served:
+    """Where a launched app can be reached."""
+
+    local_url: str
+    share_url: str | None
+
+
+def parse_auth(text: str) -> tuple[str, str]:
+    """``user:password`` → (user, password); the password may itself contain colons."""
+    user, sep, password = str(text).partition(":")
+    if not sep or not user.strip() or not password:
+        raise argparse.ArgumentTypeError(
+            f"expected USER:PASSWORD (e.g. --auth alice:s3cret), got {text!r}"
+        )
+    return user.strip(), password
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m app", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint folder (default: the shipped model in model/shipped/)",
+    )
+    p.add_argument(
+        "--db",
+        default=None,
+        help="SQLAlchemy URL of the history database "
+        "(default: $SKIN_DB_URL or sqlite:///predictions.db)",
+    )
+    p.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"interface to listen on (default {DEFAULT_HOST}; 0.0.0.0 = all)",
+    )
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="ask Gradio for a temporary public link (needs internet; use with --auth)",
+    )
+    p.add_argument(
+        "--auth",
+        type=parse_auth,
+        action="append",
+        default=None,
+        metavar="USER:PASSWORD",
+        help="require this login (repeat for several users)",
+    )
+    p.add_argument(
+        "--no-store-images",
+        action="store_true",
+        help="store predictions without image thumbnails (privacy)",
+    )
+    return p
+
+
+def launch(
+    demo,
+    host: str = DEFAULT_HOST,
+    port: int | None = DEFAULT_PORT,
+    share: bool = False,
+    auth: list[tuple[str, str]] | None = None,
+    quiet: bool = False,
+) -> Served:
+    """Start serving ``demo`` without blocking; falls back to local-only when sharing fails.
+
+    Gradio 6 catches a failed share tunnel itself (prints "Could not create share link" and
+    serves locally); older / newer versions may raise instead, so both are handled here.
+    """
+    from app.frontend import CSS
+
+    if share and not auth:
+        print(
+            "WARNING: --share without --auth: anyone who gets the public link can use this app "
+            "and browse its prediction history. Add --auth USER:PASSWORD.",
+            flush=True,
+        )
+    kwargs = {
+        "server_name": host,
+        "server_port": port,
+        "auth": auth or None,
+        "auth_message": "DermFusion — research and education only, not a diagnosis.",
+        "prevent_thread_lock": True,
+        "quiet": quiet,
+        "show_error": False,
+        "ssr_mode": False,
+        "css": CSS,
+    }
+    try:
+        demo.launch(share=share, **kwargs)
+    except OSError as exc:
+        if "port" in str(exc).lower():
+            raise DermError(
+                f"Cannot listen on {host}:{port}: the port is in use or not allowed. "
+                "Choose another with --port."
+            ) from None
+        if not share:
+            raise
+        _share_failed(demo, exc, kwargs)
+    except Exception as exc:  # a failed tunnel must not stop local serving
+        if not share:
+            raise
+        _share_failed(demo, exc, kwargs)
+
+    share_url = getattr(demo, "share_url", None) if share else None
+    local_url = demo.local_url
+    if share and share_url:
+        print(
+            f"Public link: {share_url} (temporary; "
+            f"{'login required' if auth else 'NO login required'}).",
+            flush=True,
+        )
+    elif share:
+        print(
+            "No public share link could be made (no internet connection, or the Gradio share "
+            f"server is unreachable or blocked). Serving locally only at {local_url}",
+            flush=True,
+        )
+    print(f"DermFusion app running at {local_url} (research and education only).", flush=True)
+    return Served(local_url=local_url, share_url=share_url)
+
+
+def _share_failed(demo, exc: Exception, kwargs: dict) -> None:
+    print(f"Could not create a public share link ({type(exc).__name__}: {exc}).", flush=True)
+    with contextlib.suppress(Exception):  # best effort before relaunching locally
+        demo.close()
+    demo.launch(share=False, **kwargs)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from app.frontend import make_frontend
+    from db.service import PredictionService
+
+    service = PredictionService.create(
+        args.checkpoint, db_url=args.db, store_images=not args.no_store_images
+    )
+    print(
+        f"model {service.predictor.version}; history database {service.db.display_url}", flush=True
+    )
+    demo = make_frontend(service)
+    launch(demo, host=args.host, port=args.port, share=args.share, auth=args.auth)
+    try:
+        demo.block_thread()
+    finally:
+        service.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point (``dermfusion-app``)."""
+    return run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

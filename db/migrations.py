@@ -1,0 +1,177 @@
+"""Ordered, recorded schema migrations: a schema change must never lose stored history.
+
+Each migration has a version number and a function that receives a connection inside the
+migration transaction. Applied versions are recorded in ``schema_migrations(version, description,
+applied_at)``; :func:`migrate` applies only the pending ones, in order, in one transaction (on
+SQLite and PostgreSQL DDL is transactional, so a failing migration leaves the database as it was).
+
+A fresh database runs the very same steps as an upgraded one, so migration 1 creates the tables
+as they were in version 1 (a frozen copy below, not :mod:`db.models`). To change the schema:
+edit :mod:`db.models`, append a migration here (e.g. ``add_column``), and run the tests —
+``tests/test_db.py`` fails when the migrated schema and the models disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    insert,
+    inspect,
+    select,
+)
+
+from data_pipeline.errors import DermError
+from db.models import UTCDateTime, utcnow
+
+MIGRATIONS_TABLE = "schema_migrations"
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+_recorder_md = MetaData()
+schema_migrations = Table(
+    MIGRATIONS_TABLE,
+    _recorder_md,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("description", String(200), nullable=False),
+    Column("applied_at", UTCDateTime(), nullable=False),
+)
+
+
+# --- helpers for future migrations -----------------------------------------------------------
+
+
+def has_column(conn: Connection, table: str, column: str) -> bool:
+    return column in {c["name"] for c in inspect(conn).get_columns(table)}
+
+
+def add_column(conn: Connection, table: str, column: Column) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` (skipped when present); existing rows get NULL/default."""
+    if has_column(conn, table, column.name):
+        return
+    col_type = column.type.compile(dialect=conn.dialect)
+    quote = conn.dialect.identifier_preparer.quote
+    sql = f"ALTER TABLE {quote(table)} ADD COLUMN {quote(column.name)} {col_type}"
+    if column.server_default is not None:
+        sql += f" DEFAULT {column.server_default.arg}"
+    conn.exec_driver_sql(sql)
+
+
+# --- migration 1: the initial schema (frozen; never edit, add a migration instead) ------------
+
+
+def _v1_tables(md: MetaData) -> None:
+    Table(
+        "predictions",
+        md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("created_at", DateTime(), nullable=False),
+        Column("image_sha256", String(64), nullable=False),
+        Column("image_width", Integer, nullable=False),
+        Column("image_height", Integer, nullable=False),
+        Column("thumbnail", LargeBinary, nullable=True),
+        Column("age", Float, nullable=True),
+        Column("sex", String(16), nullable=False),
+        Column("site", String(32), nullable=False),
+        Column("predicted_class", String(8), nullable=False),
+        Column("predicted_probability", Float, nullable=False),
+        Column("probabilities", JSON, nullable=False),
+        Column("heatmap_png", LargeBinary, nullable=True),
+        Column("attribution_target", String(8), nullable=True),
+        Column("metadata_contributions", JSON, nullable=True),
+        Column("warnings", JSON, nullable=False),
+        Column("ood_distance", Float, nullable=True),
+        Column("model_name", String(128), nullable=False),
+        Column("model_version", String(160), nullable=False),
+        Column("checkpoint_sha256", String(64), nullable=False),
+        Column("latency_ms", Float, nullable=False),
+        Index("ix_predictions_created_at", "created_at"),
+        Index("ix_predictions_image_sha256", "image_sha256"),
+        Index("ix_predictions_sex", "sex"),
+        Index("ix_predictions_site", "site"),
+        Index("ix_predictions_predicted_class", "predicted_class"),
+        Index("ix_predictions_predicted_probability", "predicted_probability"),
+        Index("ix_predictions_model_version", "model_version"),
+        Index("ix_predictions_class_created", "predicted_class", "created_at"),
+    )
+
+
+def _initial_schema(conn: Connection) -> None:
+    md = MetaData()
+    _v1_tables(md)
+    md.create_all(conn)
+
+
+#: The ordered list of migrations; append only.
+MIGRATIONS: list[Migration] = [
+    Migration(1, "initial schema: predictions", _initial_schema),
+]
+
+
+def latest_version(migrations: list[Migration] | None = None) -> int:
+    migrations = MIGRATIONS if migrations is None else migrations
+    return max((m.version for m in migrations), default=0)
+
+
+def applied_versions(conn: Connection) -> dict[int, datetime]:
+    if not inspect(conn).has_table(MIGRATIONS_TABLE):
+        return {}
+    rows = conn.execute(select(schema_migrations.c.version, schema_migrations.c.applied_at))
+    return {int(v): at for v, at in rows}
+
+
+def current_version(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return max(applied_versions(conn), default=0)
+
+
+def migrate(engine: Engine, migrations: list[Migration] | None = None) -> list[int]:
+    """Apply the pending migrations in one transaction; returns the versions applied (often [])."""
+    migrations = list(MIGRATIONS if migrations is None else migrations)
+    versions = [m.version for m in migrations]
+    if versions != sorted(set(versions)):
+        raise RuntimeError(f"migration versions must be unique and increasing: {versions}")
+    applied: list[int] = []
+    with engine.connect() as conn:
+        conn.execution_options(sqlite_immediate=True)
+        with conn.begin():
+            schema_migrations.create(conn, checkfirst=True)
+            done = applied_versions(conn)
+            newest = max(done, default=0)
+            if newest > latest_version(migrations):
+                raise DermError(
+                    f"The history database {engine.url.render_as_string(hide_password=True)} has "
+                    f"schema version {newest}, newer than this code knows "
+                    f"({latest_version(migrations)}); upgrade the code to use it."
+                )
+            for m in migrations:
+                if m.version in done:
+                    continue
+                m.apply(conn)
+                conn.execute(
+                    insert(schema_migrations).values(
+                        version=m.version, description=m.description, applied_at=utcnow()
+                    )
+                )
+                applied.append(m.version)
+    return applied

@@ -1,0 +1,257 @@
+"""Filtered history queries. Every value reaches the database as a bound parameter.
+
+:class:`HistoryFilter` validates and normalises user input (CLI strings or app widgets) and raises
+:class:`DermError` with a readable message for anything it cannot use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy.orm import Session, defer
+
+from data_pipeline.errors import DermError
+from data_pipeline.schema import CLASSES, normalize_age, normalize_sex, normalize_site
+from db.models import PredictionRecord, as_utc
+
+#: Largest page a query returns.
+MAX_LIMIT = 10_000
+
+
+def parse_date(value: str | date | datetime, what: str = "date") -> date | datetime:
+    """``YYYY-MM-DD`` → date; a full ISO datetime (``2026-01-01T12:00``) → datetime."""
+    if isinstance(value, (date, datetime)):
+        return value
+    text = str(value).strip()
+    try:
+        if len(text) == 10:
+            return date.fromisoformat(text)
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise DermError(f"Bad {what} {value!r}: use YYYY-MM-DD.") from None
+
+
+def _start(value: date | datetime) -> datetime:
+    if isinstance(value, datetime):
+        return as_utc(value)
+    return datetime.combine(value, time.min, tzinfo=UTC)
+
+
+def _prob(value: Any, name: str) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        raise DermError(
+            f"{name} {value!r} is not a number: use a probability from 0 to 1."
+        ) from None
+    if math.isnan(p) or not 0.0 <= p <= 1.0:
+        raise DermError(f"{name} {value!r} is outside 0-1: use a probability from 0 to 1.")
+    return p
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+@dataclass
+class HistoryFilter:
+    """Conditions on stored predictions; all are optional and combined with AND.
+
+    ``since`` / ``until`` are dates (whole days in UTC; ``until`` includes its whole day) or
+    datetimes (exact instants, naive = UTC); strings are parsed with :func:`parse_date`.
+    ``classes`` are diagnosis codes of the top class; probabilities bound the top-class
+    probability; ``sex`` / ``site`` accept the same spellings as the predictor.
+    """
+
+    since: date | datetime | str | None = None
+    until: date | datetime | str | None = None
+    classes: list[str] = field(default_factory=list)
+    min_prob: float | None = None
+    max_prob: float | None = None
+    sex: str | None = None
+    site: str | None = None
+    age_min: float | None = None
+    age_max: float | None = None
+    model_version: str | None = None
+
+    def __post_init__(self) -> None:
+        self.since = None if _blank(self.since) else parse_date(self.since, "since date")
+        self.until = None if _blank(self.until) else parse_date(self.until, "until date")
+        if self.since is not None and self.until is not None:
+            start, bound = _start(self.since), self._until_bound()
+            if start > bound or (start == bound and not isinstance(self.until, datetime)):
+                raise DermError(
+                    f"The since date {self.since} is after the until date {self.until}."
+                )
+
+        raw = [self.classes] if isinstance(self.classes, str) else list(self.classes or [])
+        classes: list[str] = []
+        for item in raw:
+            for token in str(item).replace(",", " ").split():
+                code = token.strip().lower()
+                if code not in CLASSES:
+                    raise DermError(
+                        f"Unknown diagnosis class {token!r}: expected one of {', '.join(CLASSES)}."
+                    )
+                if code not in classes:
+                    classes.append(code)
+        self.classes = classes
+
+        self.min_prob = _prob(self.min_prob, "Minimum probability")
+        self.max_prob = _prob(self.max_prob, "Maximum probability")
+        if (
+            self.min_prob is not None
+            and self.max_prob is not None
+            and self.min_prob > self.max_prob
+        ):
+            raise DermError(
+                f"Minimum probability {self.min_prob:g} is above maximum {self.max_prob:g}."
+            )
+
+        self.sex = None if _blank(self.sex) else normalize_sex(self.sex)
+        self.site = None if _blank(self.site) else normalize_site(self.site)
+        self.age_min = None if _blank(self.age_min) else normalize_age(self.age_min)
+        self.age_max = None if _blank(self.age_max) else normalize_age(self.age_max)
+        if self.age_min is not None and self.age_max is not None and self.age_min > self.age_max:
+            raise DermError(f"Minimum age {self.age_min:g} is above maximum age {self.age_max:g}.")
+
+        self.model_version = None if _blank(self.model_version) else str(self.model_version).strip()
+
+    def _until_bound(self) -> datetime:
+        """Exclusive upper bound for a date, inclusive instant for a datetime (see conditions)."""
+        assert self.until is not None
+        if isinstance(self.until, datetime):
+            return as_utc(self.until)
+        return _start(self.until) + timedelta(days=1)
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        P = PredictionRecord
+        out: list[ColumnElement[bool]] = []
+        if self.since is not None:
+            out.append(P.created_at >= _start(self.since))
+        if self.until is not None:
+            if isinstance(self.until, datetime):
+                out.append(P.created_at <= self._until_bound())
+            else:
+                out.append(P.created_at < self._until_bound())
+        if self.classes:
+            out.append(P.predicted_class.in_(self.classes))
+        if self.min_prob is not None:
+            out.append(P.predicted_probability >= self.min_prob)
+        if self.max_prob is not None:
+            out.append(P.predicted_probability <= self.max_prob)
+        if self.sex is not None:
+            out.append(P.sex == self.sex)
+        if self.site is not None:
+            out.append(P.site == self.site)
+        if self.age_min is not None:
+            out.append(P.age >= self.age_min)
+        if self.age_max is not None:
+            out.append(P.age <= self.age_max)
+        if self.model_version is not None:
+            out.append(P.model_version == self.model_version)
+        return out
+
+    def describe(self) -> str:
+        """Short human-readable summary, e.g. for a table footer."""
+        parts = []
+        for name in (
+            "since",
+            "until",
+            "classes",
+            "min_prob",
+            "max_prob",
+            "sex",
+            "site",
+            "age_min",
+            "age_max",
+            "model_version",
+        ):
+            value = getattr(self, name)
+            if value not in (None, []):
+                parts.append(f"{name}={','.join(value) if isinstance(value, list) else value}")
+        return " ".join(parts) or "no filter"
+
+
+def _check_page(limit: int, offset: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise DermError(f"Limit {limit!r} must be a whole number from 1 to {MAX_LIMIT}.")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise DermError(f"Offset {offset!r} must be a whole number ≥ 0.")
+
+
+def _filtered(stmt: Select, f: HistoryFilter | None) -> Select:
+    return stmt.where(*f.conditions()) if f is not None else stmt
+
+
+def query_predictions(
+    session: Session,
+    f: HistoryFilter | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    images: bool = True,
+) -> list[PredictionRecord]:
+    """Matching rows, newest first (created_at desc, id desc).
+
+    ``images=False`` leaves out the thumbnail and heatmap bytes (long listings, CSV export):
+    reading those attributes then raises instead of querying again, and ``to_dict`` reports
+    ``has_heatmap`` / ``has_thumbnail`` as None.
+    """
+    _check_page(limit, offset)
+    stmt = select(PredictionRecord)
+    if not images:
+        stmt = stmt.options(
+            defer(PredictionRecord.thumbnail, raiseload=True),
+            defer(PredictionRecord.heatmap_png, raiseload=True),
+        )
+    stmt = _filtered(stmt, f).order_by(
+        PredictionRecord.created_at.desc(), PredictionRecord.id.desc()
+    )
+    return list(session.scalars(stmt.limit(limit).offset(offset)))
+
+
+def count_predictions(session: Session, f: HistoryFilter | None = None) -> int:
+    stmt = _filtered(select(func.count(PredictionRecord.id)), f)
+    return int(session.scalar(stmt) or 0)
+
+
+def counts_per_class_per_day(
+    session: Session, f: HistoryFilter | None = None
+) -> list[tuple[str, str, int]]:
+    """``(YYYY-MM-DD, class, n)`` per UTC day and top class, oldest day first."""
+    day = func.date(PredictionRecord.created_at).label("day")
+    stmt = _filtered(
+        select(day, PredictionRecord.predicted_class, func.count(PredictionRecord.id)), f
+    ).group_by(day, PredictionRecord.predicted_class)
+    rows = [(str(d), c, int(n)) for d, c, n in session.execute(stmt)]
+    order = {c: i for i, c in enumerate(CLASSES)}
+    return sorted(rows, key=lambda r: (r[0], order.get(r[1], len(order)), r[1]))
+
+
+def get_prediction(session: Session, prediction_id: int) -> PredictionRecord | None:
+    return session.get(PredictionRecord, int(prediction_id))
+
+
+def as_filter(f: HistoryFilter | dict[str, Any] | None) -> HistoryFilter | None:
+    """Accept a filter, a dict of its fields, or None."""
+    if f is None or isinstance(f, HistoryFilter):
+        return f
+    return HistoryFilter(**f)
+
+
+__all__ = [
+    "MAX_LIMIT",
+    "HistoryFilter",
+    "as_filter",
+    "count_predictions",
+    "counts_per_class_per_day",
+    "get_prediction",
+    "parse_date",
+    "query_predictions",
+]

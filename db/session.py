@@ -1,0 +1,142 @@
+"""The one engine / session factory of the history database.
+
+Which database: an explicit URL (``--db``) wins, then the ``SKIN_DB_URL`` environment variable,
+then ``sqlite:///predictions.db`` in the current directory. Any SQLAlchemy URL works; SQLite files
+get WAL journaling, a 30 s busy timeout and foreign keys on every connection, and real
+(transactional) BEGINs so migrations are all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from data_pipeline.errors import DermError
+
+DEFAULT_DB_URL = "sqlite:///predictions.db"
+DB_URL_ENV = "SKIN_DB_URL"
+#: Seconds a SQLite connection waits for another writer before giving up.
+SQLITE_TIMEOUT_S = 30
+
+
+def resolve_db_url(url: str | None = None) -> str:
+    """Explicit ``url`` > ``$SKIN_DB_URL`` > :data:`DEFAULT_DB_URL`."""
+    if url is not None and str(url).strip():
+        return str(url).strip()
+    env = os.environ.get(DB_URL_ENV, "").strip()
+    return env or DEFAULT_DB_URL
+
+
+def parse_url(url: str) -> URL:
+    try:
+        return make_url(url)
+    except ArgumentError:
+        raise DermError(
+            f"Bad database URL {url!r}: expected e.g. sqlite:///predictions.db "
+            "or postgresql://user@host/dbname."
+        ) from None
+
+
+def _is_memory(url: URL) -> bool:
+    db = url.database
+    return db in (None, "", ":memory:") or (url.query.get("mode") == "memory")
+
+
+def sqlite_path(url: str | URL) -> Path | None:
+    """The file of a SQLite URL, or None (in-memory or not SQLite)."""
+    u = parse_url(url) if isinstance(url, str) else url
+    if u.get_backend_name() != "sqlite" or _is_memory(u):
+        return None
+    db = u.database or ""
+    db = db.removeprefix("file:")
+    return Path(db).expanduser()
+
+
+def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin (see _sqlite_begin):
+    # the module's legacy mode would otherwise auto-commit DDL half-way through a migration.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_TIMEOUT_S * 1000}")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # ``immediate`` takes the write lock at BEGIN (waiting up to busy_timeout), for transactions
+    # that read and then write, such as migrations run by two processes at once.
+    mode = "BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_immediate") else "BEGIN"
+    conn.exec_driver_sql(mode)
+
+
+def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
+    """Create an engine for ``url`` (resolved by :func:`resolve_db_url`)."""
+    resolved = resolve_db_url(url)
+    u = parse_url(resolved)
+    if u.get_backend_name() != "sqlite":
+        return create_engine(u, **kwargs)
+    connect_args = {"check_same_thread": False, "timeout": SQLITE_TIMEOUT_S}
+    connect_args.update(kwargs.pop("connect_args", {}))
+    if _is_memory(u):
+        # One shared connection, or every thread / pool checkout would see its own empty DB.
+        kwargs.setdefault("poolclass", StaticPool)
+    else:
+        path = sqlite_path(u)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(u, connect_args=connect_args, **kwargs)
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+class Database:
+    """An engine plus a session factory; the schema is migrated when it is opened."""
+
+    def __init__(self, url: str | None = None, *, migrate: bool = True, **engine_kwargs: Any):
+        self.url = resolve_db_url(url)
+        self.engine = make_engine(self.url, **engine_kwargs)
+        self.Session = sessionmaker(self.engine, expire_on_commit=False)
+        if migrate:
+            self.migrate()
+
+    def migrate(self) -> list[int]:
+        """Apply pending schema migrations; returns the versions applied."""
+        from db.migrations import migrate
+
+        return migrate(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on any exception."""
+        session = self.Session()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    @property
+    def display_url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"Database({self.display_url!r})"

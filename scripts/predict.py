@@ -1,0 +1,201 @@
+"""Classify dermoscopy images: calibrated probabilities per class, top class first.
+
+    python -m scripts.predict lesion.jpg
+    python -m scripts.predict a.jpg b.jpg --age 60 --sex male --site back
+    python -m scripts.predict a.jpg --db sqlite:///history.db      # also store in the history
+    python -m scripts.predict a.jpg --json --heatmap-dir out/      # JSON + overlay/chart PNGs
+
+Any subset of age / sex / site may be given. Without --db nothing is stored. A bad image among
+several is reported and skipped; the exit code is then 2. Research/education only — not a
+diagnosis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.errors import DermError
+from data_pipeline.schema import CLASS_NAMES, Metadata
+from scripts._cli import run_cli
+
+DISCLAIMER = "Research/education only — not a diagnosis."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--age", default=None, help="age in years (0-120); omit if unknown")
+    p.add_argument("--sex", default=None, help="female / male; omit if unknown")
+    p.add_argument("--site", default=None, help="body site, e.g. back, face, lower extremity")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: shipped model)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    p.add_argument(
+        "--db",
+        default=None,
+        metavar="URL",
+        help="store each prediction in this history database (e.g. sqlite:///history.db)",
+    )
+    p.add_argument(
+        "--no-store-images",
+        action="store_true",
+        help="with --db: store no thumbnail of the image (privacy)",
+    )
+    p.add_argument("--tta", action="store_true", help="average over flips (slower)")
+    p.add_argument(
+        "--target",
+        default=None,
+        metavar="CLASS",
+        help="explain this class instead of the top one (e.g. mel)",
+    )
+    p.add_argument(
+        "--heatmap-dir",
+        default=None,
+        metavar="DIR",
+        help="write <image>_overlay.png and <image>_contributions.png per image here",
+    )
+    return p
+
+
+def _pct(p: float) -> str:
+    return f"{100.0 * p:5.1f}%"
+
+
+def format_text(path: str, pred: Any, row_id: int | None, db_url: str | None) -> str:
+    meta = pred.metadata
+    age = "unknown" if meta.age is None else f"{meta.age:g}"
+    lines = [
+        f"{path}",
+        f"  metadata: age {age}, sex {meta.sex}, site {meta.site}",
+    ]
+    width = max(len(n) for n in CLASS_NAMES.values())
+    for rank, (code, prob) in enumerate(pred.ranked, 1):
+        lines.append(f"  {rank}. {code:<5} {CLASS_NAMES[code]:<{width}} {_pct(prob)}")
+    if pred.metadata_contributions:
+        contrib = ", ".join(
+            f"{k} {100.0 * v:+.1f} pp" for k, v in pred.metadata_contributions.items()
+        )
+        lines.append(f"  metadata effect on P({pred.attribution_target}): {contrib}")
+    if pred.malignant_flag:
+        lines.append(f"  flag: malignant class(es) rank high: {', '.join(pred.malignant_flag)}")
+    for warning in pred.warnings:
+        lines.append(f"  warning: {warning}")
+    if row_id is not None:
+        lines.append(f"  stored as prediction id {row_id} in {db_url}")
+    return "\n".join(lines)
+
+
+def write_heatmaps(out_dir: Path, path: str, pred: Any, used: set[str]) -> list[Path]:
+    from model.render import contributions_chart, overlay_heatmap, to_png
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(path).stem or "image"
+    base, n = stem, 2
+    while base in used:
+        base, n = f"{stem}_{n}", n + 1
+    used.add(base)
+    written = []
+    if pred.heatmap is not None and pred.image is not None:
+        overlay = out_dir / f"{base}_overlay.png"
+        overlay.write_bytes(to_png(overlay_heatmap(pred.image, pred.heatmap)))
+        written.append(overlay)
+    chart = out_dir / f"{base}_contributions.png"
+    chart.write_bytes(
+        to_png(contributions_chart(pred.metadata_contributions, pred.attribution_target or ""))
+    )
+    written.append(chart)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Fail fast on bad metadata / target before loading the model.
+    Metadata.parse(args.age, args.sex, args.site)
+    if args.target is not None and args.target.strip().lower() not in CLASS_NAMES:
+        raise DermError(
+            f"Unknown explanation target {args.target!r}: expected one of {', '.join(CLASS_NAMES)}."
+        )
+    target = args.target.strip().lower() if args.target else None
+
+    service = None
+    predictor = None
+    if args.db:
+        from db.service import PredictionService
+
+        service = PredictionService.create(
+            args.checkpoint, args.db, store_images=not args.no_store_images
+        )
+        predictor = service.predictor
+    else:
+        from model.predictor import Predictor
+
+        predictor = Predictor.from_checkpoint(args.checkpoint)
+
+    results: list[dict[str, Any]] = []
+    failed = 0
+    used_names: set[str] = set()
+    try:
+        for path in args.images:
+            try:
+                if service is not None:
+                    stored = service.predict_and_store(
+                        path, args.age, args.sex, args.site, target=target, tta=args.tta
+                    )
+                    pred, row_id = stored.prediction, stored.id
+                else:
+                    pred = predictor.predict(
+                        path,
+                        args.age,
+                        args.sex,
+                        args.site,
+                        explain=True,
+                        target=target,
+                        tta=args.tta,
+                    )
+                    row_id = None
+            except DermError as exc:
+                failed += 1
+                print(f"error: {exc}", file=sys.stderr)
+                continue
+            written = []
+            if args.heatmap_dir:
+                written = write_heatmaps(Path(args.heatmap_dir), path, pred, used_names)
+            if args.json:
+                d = {"image": path, **pred.to_dict()}
+                if row_id is not None:
+                    d["id"] = row_id
+                if written:
+                    d["files"] = [str(p) for p in written]
+                results.append(d)
+            else:
+                print(format_text(path, pred, row_id, service.db.display_url if service else None))
+                for p in written:
+                    print(f"  wrote {p}")
+                print()
+    finally:
+        if service is not None:
+            service.close()
+
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"model: {predictor.version}")
+        print(DISCLAIMER)
+    if failed:
+        print(
+            f"error: {failed} of {len(args.images)} image(s) could not be processed.",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

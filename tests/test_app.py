@@ -1,0 +1,479 @@
+"""The Gradio app, exercised through a real server and ``gradio_client`` (as an API user would).
+
+One app is started per module on a free localhost port, around a tiny untrained checkpoint and a
+temporary SQLite history; tests compare the history row count before and after each call, so
+every refused input is shown to store nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+from sqlalchemy.exc import OperationalError
+
+from app import frontend, views
+from app.__main__ import build_parser, launch, main, parse_auth
+from app.frontend import EXAMPLES_DIR, make_frontend
+from data_pipeline.errors import DermError
+from data_pipeline.schema import CLASS_NAMES, CLASSES
+from db.service import PredictionService
+
+EXAMPLE = EXAMPLES_DIR / "ISIC_0029281.jpg"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def predict(client: Client, image, age=None, sex=None, site=None):
+    return client.predict(
+        handle_file(str(image)) if image is not None else None, age, sex, site, api_name="/predict"
+    )
+
+
+@pytest.fixture(scope="module")
+def app(tiny_checkpoint, tmp_path_factory):
+    db_path = tmp_path_factory.mktemp("appdb") / "history.db"
+    service = PredictionService.create(tiny_checkpoint, db_url=f"sqlite:///{db_path}")
+    demo = make_frontend(service)
+    served = launch(demo, host="127.0.0.1", port=free_port(), quiet=True)
+    client = Client(served.local_url, verbose=False)
+    yield SimpleNamespace(service=service, demo=demo, client=client, url=served.local_url)
+    demo.close()
+    service.close()
+
+
+@pytest.fixture()
+def files(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+# --- predictions ---------------------------------------------------------------------------------
+
+
+def test_example_files_are_documented():
+    readme = (EXAMPLES_DIR / "README.md").read_text()
+    with (EXAMPLES_DIR / "examples.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert 1 <= len(rows) <= 8
+    assert "10.1038/sdata.2018.161" in readme and "CC BY-NC 4.0" in readme
+    for r in rows:
+        assert (EXAMPLES_DIR / r["file"]).is_file()
+        assert r["dx"] in CLASSES and f"`{r['file']}`" in readme
+
+
+def test_predict_with_metadata_returns_probabilities_and_stores_one_row(app):
+    before = app.service.count()
+    label, alerts, overlay, chart, info, result = predict(app.client, EXAMPLE, 35, "female", "back")
+
+    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
+    assert set(confidences) == {views.class_label(c) for c in CLASSES}
+    assert all(CLASS_NAMES[c] in views.class_label(c) for c in CLASSES)
+    assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-4)
+    assert label["label"] == views.class_label(result["top_class"])
+
+    assert app.service.count() == before + 1
+    row_id = result["prediction_id"]
+    assert result["stored"] is True and f"#{row_id}" in info
+    record = app.service.get(row_id)
+    assert (record.age, record.sex, record.site) == (35.0, "female", "back")
+    assert record.probabilities == pytest.approx(result["probabilities"])
+    assert result["model_version"] in info and record.model_version == result["model_version"]
+
+    shown = np.asarray(Image.open(overlay))
+    assert shown.ndim == 3 and shown.shape[2] == 3 and min(shown.shape[:2]) >= 32
+    assert Image.open(chart).size[0] > 100
+    assert views.DISCLAIMER in alerts
+
+
+def test_predict_without_metadata(app):
+    before = app.service.count()
+    label, *_, result = predict(app.client, EXAMPLE)
+    assert len(label["confidences"]) == len(CLASSES)
+    assert app.service.count() == before + 1
+    record = app.service.get(result["prediction_id"])
+    assert (record.age, record.sex, record.site) == (None, "unknown", "unknown")
+    assert result["metadata"] == {"age": None, "sex": "unknown", "site": "unknown"}
+
+
+def test_alerts_show_malignant_flag_and_warnings(app):
+    """The tiny untrained model is never confident, so the low-confidence warning must show;
+    the malignant flag mirrors the predictor's decision exactly."""
+    *_, alerts, _, _, _, result = predict(app.client, EXAMPLE, 60, "male", "face")
+    assert any(w.startswith("Low confidence") for w in result["warnings"])
+    assert "Low confidence" in alerts
+    if result["malignant_flag"]:
+        assert "Possible malignant lesion" in alerts
+        for c in result["malignant_flag"]:
+            assert CLASS_NAMES[c] in alerts
+    else:
+        assert "No malignant class ranks high" in alerts
+
+
+def _cmyk_jpeg(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (150, 200, 4), dtype=np.uint8), "CMYK").save(path)
+    return path
+
+
+def _rgba_png(path: Path) -> Path:
+    arr = np.zeros((150, 200, 4), dtype=np.uint8)
+    arr[..., 0], arr[..., 3] = 180, np.linspace(0, 255, 200, dtype=np.uint8)[None, :]
+    Image.fromarray(arr, "RGBA").save(path)
+    return path
+
+
+def _gray16_png(path: Path) -> Path:
+    arr = np.linspace(0, 65535, 150 * 200).reshape(150, 200).astype(np.uint16)
+    Image.fromarray(arr).save(path)
+    assert Image.open(path).mode.startswith("I")
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [(_cmyk_jpeg, "cmyk.jpg"), (_rgba_png, "rgba.png"), (_gray16_png, "gray16.png")],
+)
+def test_unusual_image_modes_are_converted_not_refused(app, files, make, name):
+    path = make(files / name)
+    before = app.service.count()
+    label, *_, result = predict(app.client, path, 50, "male", "trunk")
+    assert len(label["confidences"]) == len(CLASSES)
+    assert app.service.count() == before + 1
+    record = app.service.get(result["prediction_id"])
+    assert (record.image_width, record.image_height) == (200, 150)
+
+
+# --- refused inputs --------------------------------------------------------------------------------
+
+
+def _text_file(d: Path) -> Path:
+    p = d / "notes.txt"
+    p.write_text("this is not an image")
+    return p
+
+
+def _truncated_jpeg(d: Path) -> Path:
+    p = d / "truncated.jpg"
+    p.write_bytes(EXAMPLE.read_bytes()[:1500])
+    return p
+
+
+def _empty_file(d: Path) -> Path:
+    p = d / "empty.png"
+    p.write_bytes(b"")
+    return p
+
+
+def _one_pixel(d: Path) -> Path:
+    p = d / "pixel.png"
+    Image.new("RGB", (1, 1), (200, 100, 50)).save(p)
+    return p
+
+
+def _bomb(d: Path, size: tuple[int, int], name: str) -> Path:
+    p = d / name
+    Image.new("1", size).save(p, optimize=True)  # a few KB on disk, tens of megapixels decoded
+    assert p.stat().st_size < 2_000_000
+    return p
+
+
+BAD_INPUTS = {
+    "not an image": (_text_file, {}, "notes.txt: not an image file"),
+    "truncated JPEG": (_truncated_jpeg, {}, "corrupt or truncated"),
+    "empty file": (_empty_file, {}, "empty.png: the file is empty"),
+    "1x1 image": (_one_pixel, {}, "too small"),
+    "70 MP bomb": (lambda d: _bomb(d, (10_000, 7_000), "bomb70.png"), {}, "too large"),
+    "200 MP bomb": (lambda d: _bomb(d, (20_000, 10_000), "bomb200.png"), {}, "too large"),
+    "no image": (lambda d: None, {}, "No image was submitted"),
+    "age too high": (lambda d: EXAMPLE, {"age": 150}, "Age 150 is outside 0-120"),
+    "negative age": (lambda d: EXAMPLE, {"age": -3}, "Age -3 is outside 0-120"),
+    "age not a number": (lambda d: EXAMPLE, {"age": "forty"}, "is not a number of years"),
+    "unknown sex": (lambda d: EXAMPLE, {"sex": "alien"}, "Unknown sex 'alien'"),
+    "unknown site": (lambda d: EXAMPLE, {"site": "elbow"}, "Unknown body site 'elbow'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_refused_with_its_message_and_nothing_stored(app, files, case):
+    make, kwargs, message = BAD_INPUTS[case]
+    image = make(files)
+    before = app.service.count()
+    with pytest.raises(Exception) as info:
+        predict(app.client, image, **kwargs)
+    assert type(info.value).__name__ == "AppError"
+    assert message in str(info.value)
+    assert "Traceback" not in str(info.value)
+    assert app.service.count() == before
+
+
+def test_storage_failure_is_shown_not_hidden(app, monkeypatch):
+    def broken_session():
+        raise OperationalError("INSERT INTO predictions", {}, Exception("database is locked"))
+
+    before = app.service.count()
+    monkeypatch.setattr(app.service.db, "session", broken_session)
+    label, alerts, *_, info, result = predict(app.client, EXAMPLE, 40, "female", "back")
+    monkeypatch.undo()
+    assert len(label["confidences"]) == len(CLASSES)  # the prediction itself is still shown
+    assert result["stored"] is False and result["prediction_id"] is None
+    assert "could not be stored" in result["storage_error"]
+    assert "Not saved to history" in alerts and "database is locked" in alerts
+    assert "not saved" in info
+    assert app.service.count() == before
+
+
+# --- history ---------------------------------------------------------------------------------------
+
+
+def test_history_filter_table_csv_and_detail(app):
+    *_, result = predict(app.client, EXAMPLE, 77, "male", "scalp")
+    row_id, top = result["prediction_id"], result["top_class"]
+
+    table, summary, csv_path = app.client.predict(
+        "", "", [top], 0, "male", "scalp", api_name="/history"
+    )
+    ids = [r[0] for r in table["data"]]
+    assert row_id in ids and ids == sorted(ids, reverse=True)
+    assert table["headers"] == views.HISTORY_COLUMNS
+    n = app.service.count({"classes": [top], "sex": "male", "site": "scalp"})
+    assert f"**{n}** matching" in summary
+
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == n and {int(r["id"]) for r in rows} == set(ids)
+    mine = next(r for r in rows if int(r["id"]) == row_id)
+    assert mine["predicted_class"] == top and float(mine["age"]) == 77
+    assert float(mine[f"p_{top}"]) == pytest.approx(result["top_probability"])
+
+    shown_id, image, detail, probs = app.client.predict(row_id, api_name="/history_item")
+    assert shown_id == str(row_id) and f"Prediction #{row_id}" in detail
+    assert "age 77" in detail and "body site scalp" in detail
+    assert probs["label"] == views.class_label(top)
+    assert np.asarray(Image.open(image)).shape[2] == 3
+
+    # A day range that excludes today finds nothing (and still gives a CSV with a header).
+    table, summary, csv_path = app.client.predict(
+        "2000-01-01", "2000-12-31", [], 0, "any", "any", api_name="/history"
+    )
+    assert table["data"] in ([], [[""] * len(views.HISTORY_COLUMNS)]) or not any(
+        r[0] for r in table["data"]
+    )
+    assert "No stored predictions match" in summary
+    assert Path(csv_path).read_text().startswith("id,created_at,")
+
+
+def test_history_csv_holds_every_row_beyond_the_table(app, monkeypatch):
+    while app.service.count() < 5:
+        predict(app.client, EXAMPLE)
+    monkeypatch.setattr(frontend, "HISTORY_PAGE", 2)
+    monkeypatch.setattr(frontend, "CSV_PAGE", 2)  # several database pages per export
+    table, summary, csv_path = app.client.predict("", "", [], 0, "any", "any", api_name="/history")
+    total = app.service.count()
+    assert len(table["data"]) == 2 and "newest 2 shown, all in the CSV" in summary
+    with open(csv_path, newline="") as fh:
+        ids = [int(r["id"]) for r in csv.DictReader(fh)]
+    assert len(ids) == total == len(set(ids))
+    assert ids[:2] == [r[0] for r in table["data"]]
+
+
+@pytest.mark.parametrize(
+    "since, until, message",
+    [
+        ("2025-13-45", "", "Bad since date"),
+        ("yesterday", "", "use YYYY-MM-DD"),
+        ("2025-06-02", "2025-06-01", "is after the until date"),
+    ],
+)
+def test_history_bad_filter_is_explained(app, since, until, message):
+    with pytest.raises(Exception) as info:
+        app.client.predict(since, until, [], 0, "any", "any", api_name="/history")
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (987654, "No stored prediction has id 987654"),
+        ("abc", "is not a whole number"),
+        ("", "Enter a prediction id"),
+    ],
+)
+def test_history_item_bad_id(app, value, message):
+    with pytest.raises(Exception) as info:
+        app.client.predict(value, api_name="/history_item")
+    assert message in str(info.value)
+
+
+# --- About tab ---------------------------------------------------------------------------------------
+
+
+def test_model_card_without_metrics_renders(app):
+    card = views.model_card_markdown(app.service.predictor.config)
+    assert "No evaluation metrics are stored" in card
+    assert views.DISCLAIMER in card and "HAM10000" in card and "Lesion-grouped" in card
+    assert "200×150" in card and "fair-skinned" in card and "Only 7 classes" in card
+
+
+def test_model_card_with_metrics_shows_them_and_the_command(app):
+    from copy import deepcopy
+
+    cfg = deepcopy(app.service.predictor.config)
+    per = {
+        c: {"recall": 0.5, "precision": 0.4, "f1": 0.45, "support": 10, "auc": 0.9} for c in CLASSES
+    }
+    m = {
+        "n": 70,
+        "accuracy": 0.81,
+        "balanced_accuracy": 0.642,
+        "macro_f1": 0.6,
+        "macro_auc": 0.93,
+        "top3_accuracy": 0.95,
+        "ece": 0.03,
+        "per_class": per,
+    }
+    cfg.metrics = {"val": dict(m, balanced_accuracy=0.66), "test": m}
+    cfg.training = {
+        "command": "python -m scripts.train --data-dir ../shared/ham10000 --out runs/x",
+        "split_file": "splits/ham10000_seed42.csv",
+        "split_sha256": "ab" * 32,
+    }
+    card = views.model_card_markdown(cfg, "runs/x")
+    assert "64.2%" in card and "66.0%" in card and "0.930" in card
+    assert "python -m scripts.train --data-dir ../shared/ham10000 --out runs/x" in card
+    assert "--checkpoint runs/x" in card and "Melanoma (mel)" in card
+    assert "No evaluation metrics" not in card
+
+
+# --- launching: --auth, --share, ports -----------------------------------------------------------------
+
+
+def test_parse_auth():
+    assert parse_auth("alice:s3cret") == ("alice", "s3cret")
+    assert parse_auth("bob:pa:ss:word") == ("bob", "pa:ss:word")
+    args = build_parser().parse_args(["--auth", "a:b", "--auth", "c:d"])
+    assert args.auth == [("a", "b"), ("c", "d")]
+
+
+@pytest.mark.parametrize("bad", ["alice", ":secret", "alice:", ""])
+def test_bad_auth_is_a_clear_cli_error(bad, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--auth", bad])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--auth" in err and "expected USER:PASSWORD" in err
+
+
+def test_auth_protects_the_app(app, tiny_checkpoint):
+    demo = make_frontend(app.service)
+    served = launch(demo, port=free_port(), auth=[("alice", "pa:ss")], quiet=True)
+    try:
+        assert httpx.get(served.local_url + "config", timeout=30).status_code == 401
+        with pytest.raises(Exception, match="credentials were not provided"):
+            Client(served.local_url, verbose=False)
+        client = Client(served.local_url, auth=("alice", "pa:ss"), verbose=False)
+        _, summary, _ = client.predict("", "", [], 0, "any", "any", api_name="/history")
+        assert "matching predictions" in summary
+    finally:
+        demo.close()
+
+
+def test_share_offline_keeps_serving_locally(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """Real Gradio share code path, with the share server made unreachable (as offline): the CLI
+    prints that no link could be made, warns about the missing --auth, and serves locally."""
+    import gradio.networking
+
+    monkeypatch.setattr(gradio.networking, "GRADIO_API_SERVER", "http://127.0.0.1:9/tunnel")
+    monkeypatch.delenv("GRADIO_SHARE_SERVER_ADDRESS", raising=False)
+    seen = {}
+
+    def check_then_stop(self):
+        seen["share_url"] = self.share_url
+        seen["status"] = httpx.get(self.local_url, timeout=30).status_code
+        c = Client(self.local_url, verbose=False)
+        seen["summary"] = c.predict("", "", [], 0, "any", "any", api_name="/history")[1]
+        self.close()
+
+    monkeypatch.setattr(gr.Blocks, "block_thread", check_then_stop)
+    db = f"sqlite:///{tmp_path / 'share.db'}"
+    port = free_port()
+    code = main(["--checkpoint", str(tiny_checkpoint), "--db", db, "--port", str(port), "--share"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert seen["share_url"] is None and seen["status"] == 200
+    assert "No stored predictions match" in seen["summary"]
+    assert "--share without --auth" in out
+    assert "No public share link could be made" in out and f"127.0.0.1:{port}" in out
+
+
+def test_share_that_raises_falls_back_to_local(app, monkeypatch, capsys):
+    """A Gradio version whose launch(share=True) raises must not stop the app either."""
+    real_launch = gr.Blocks.launch
+
+    def raising_launch(self, *args, share=None, **kwargs):
+        if share:
+            raise RuntimeError("Could not get share link from Gradio API Server.")
+        return real_launch(self, *args, share=share, **kwargs)
+
+    monkeypatch.setattr(gr.Blocks, "launch", raising_launch)
+    demo = make_frontend(app.service)
+    served = launch(demo, port=free_port(), share=True, auth=[("u", "p")], quiet=True)
+    try:
+        out = capsys.readouterr().out
+        assert served.share_url is None
+        assert "Could not create a public share link" in out
+        assert "No public share link could be made" in out and "--share without" not in out
+        assert httpx.get(served.local_url, timeout=30).status_code == 200
+    finally:
+        demo.close()
+
+
+def test_port_in_use_is_a_clear_error(app):
+    port = int(app.url.rstrip("/").rsplit(":", 1)[1])
+    demo = make_frontend(app.service)
+    with pytest.raises(DermError, match="--port"):
+        launch(demo, port=port, quiet=True)
+
+
+def test_csv_writer_handles_no_rows(tmp_path):
+    out = views.write_history_csv([], tmp_path / "h.csv")
+    header = next(csv.reader(io.StringIO(out.read_text())))
+    assert header[:3] == ["id", "created_at", "predicted_class"]
+    assert [f"p_{c}" for c in CLASSES] == [h for h in header if h.startswith("p_")]
+
+
+def test_no_store_images_keeps_history_without_thumbnails(tiny_checkpoint, tmp_path):
+    service = PredictionService.create(
+        tiny_checkpoint, db_url=f"sqlite:///{tmp_path / 'private.db'}", store_images=False
+    )
+    demo = make_frontend(service)
+    try:
+        client = Client(launch(demo, port=free_port(), quiet=True).local_url, verbose=False)
+        *_, result = predict(client, EXAMPLE, 50, "female", "face")
+        row_id = result["prediction_id"]
+        assert service.get(row_id).thumbnail is None
+        shown_id, image, detail, probs = client.predict(row_id, api_name="/history_item")
+        assert shown_id == str(row_id) and image is None and "No image stored" in detail
+        assert len(probs["confidences"]) == len(CLASSES)
+    finally:
+        demo.close()
+        service.close()
+
+
+def test_missing_checkpoint_is_a_clear_cli_error(tmp_path, capsys):
+    code = main(["--checkpoint", str(tmp_path / "nope"), "--db", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is not a checkpoint folder" in err
