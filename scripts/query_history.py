@@ -287,5 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         db.dispose()
 
 
+def cli() -> int:
+    """Console-script entry point."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())
