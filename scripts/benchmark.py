@@ -100,15 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     if args.data_dir:
-        result["eval_throughput"] = eval_throughput(
-            predictor, args.data_dir, args.batch_images, 64
-        )
+        result["eval_throughput"] = eval_throughput(predictor, args.data_dir, args.batch_images, 64)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     pe, po = result["predict_and_explain"], result["predict_only"]
-    print(f"{result['model_version']}  input {result['input_size']}  threads {result['torch_threads']}")
+    print(
+        f"{result['model_version']}  input {result['input_size']}  threads {result['torch_threads']}"
+    )
     print(f"predict only        p50 {po['p50_ms']:.0f} ms  p90 {po['p90_ms']:.0f} ms")
     print(f"predict + explain   p50 {pe['p50_ms']:.0f} ms  p90 {pe['p90_ms']:.0f} ms")
     if "eval_throughput" in result:

@@ -31,7 +31,9 @@ def test_inspect_synthetic(tmp_path, capsys, layout):
 def test_inspect_text_report_and_written_splits(tmp_path, capsys):
     data = write_synthetic_ham(tmp_path / "ham", per_class=20)
     splits = tmp_path / "splits.csv"
-    assert main(["--data-dir", str(data), "--out", str(tmp_path), "--write-splits", str(splits)]) == 0
+    assert (
+        main(["--data-dir", str(data), "--out", str(tmp_path), "--write-splits", str(splits)]) == 0
+    )
     text = capsys.readouterr().out
     assert "140 images, 70 lesions" in text and "lesions shared between splits: 0" in text
     assert "Missing age: 7" in text
@@ -71,7 +73,10 @@ def test_inspect_bad_inputs(tmp_path, capsys, breakage, message):
 def test_inspect_subprocess_error_is_one_line(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "scripts.inspect_data", "--data-dir", str(tmp_path / "absent")],
-        cwd=REPO, capture_output=True, text=True, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: Data folder {tmp_path / 'absent'} does not exist."
@@ -79,7 +84,9 @@ def test_inspect_subprocess_error_is_one_line(tmp_path):
 
 @pytest.mark.realdata
 def test_inspect_real_data(real_data, tmp_path, capsys):
-    assert main(["--data-dir", str(real_data), "--out", str(tmp_path), "--json", "--no-verify"]) == 0
+    assert (
+        main(["--data-dir", str(real_data), "--out", str(tmp_path), "--json", "--no-verify"]) == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 9007 and summary["lesions"] == 6723
     assert summary["lesions_crossing_splits"] == 0
