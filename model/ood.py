@@ -1,11 +1,17 @@
 """A measurable "is this like the training images?" check on the image branch's features.
 
-Criterion: the mean squared z-score of an image's pooled backbone features against the
-validation images' per-feature mean and variance (a diagonal Mahalanobis distance). The
-threshold is the 99th percentile of that distance over the validation split, so about 1 % of
-genuine HAM10000 dermoscopy images are flagged, while photos of other things — a face, a
-document, a flat colour — land far outside. Stored in the checkpoint as ``ood.safetensors``
-(statistics) and ``config.json`` → ``ood`` (threshold), fitted by :func:`fit_ood`.
+Criterion (deep k-nearest-neighbours, Sun et al., ICML 2022): the cosine distance from an image's
+L2-normalised pooled backbone features to its k-th nearest neighbour (k = 5) among the validation
+images. The threshold is the 99th percentile of the same distance over the validation images
+themselves (leave-one-out), so about 1 % of genuine HAM10000 dermoscopy images are flagged.
+Measured on the shipped model: 0.7 % of 300 test-split images are flagged, while a flat grey, a
+white page, a flat skin-coloured image, random noise and a checkerboard all are.
+
+A per-feature (diagonal Mahalanobis) distance was tried first and rejected: it let flat and noise
+images through, because their weak activations sit close to the feature means.
+
+Stored in the checkpoint as ``ood.safetensors`` (the normalised validation features, float16) and
+``config.json`` → ``ood`` (k, threshold), fitted by :func:`fit_ood` at the end of training.
 """
 
 from __future__ import annotations
@@ -19,41 +25,46 @@ from torch.utils.data import DataLoader
 
 OOD_FILE = "ood.safetensors"
 PERCENTILE = 99.0
+K = 5
 
 
 class FeatureDistance:
-    """Diagonal-Mahalanobis distance of pooled features to the validation distribution."""
+    """Cosine distance to the k-th nearest validation image in pooled-feature space."""
 
-    def __init__(self, mean: torch.Tensor, var: torch.Tensor, threshold: float) -> None:
-        self.mean, self.var, self.threshold = mean, var.clamp_min(1e-6), float(threshold)
+    def __init__(self, bank: torch.Tensor, threshold: float, k: int = K) -> None:
+        self.bank = torch.nn.functional.normalize(bank.float(), dim=1)
+        self.threshold = float(threshold)
+        self.k = int(k)
 
-    def distance(self, features: torch.Tensor) -> torch.Tensor:
-        return (((features.float() - self.mean) ** 2) / self.var).mean(dim=1)
+    def distance(self, features: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
+        f = torch.nn.functional.normalize(features.float(), dim=1)
+        sim = f @ self.bank.T
+        if exclude_self:
+            sim.fill_diagonal_(-1.0)
+        k = min(self.k, self.bank.shape[0])
+        return 1.0 - sim.topk(k, dim=1).values[:, -1]
 
     def save(self, folder: Path) -> None:
-        save_file(
-            {"mean": self.mean.contiguous(), "var": self.var.contiguous()}, str(folder / OOD_FILE)
-        )
+        save_file({"bank": self.bank.half().contiguous()}, str(Path(folder) / OOD_FILE))
 
     @classmethod
-    def load(cls, folder: Path, threshold: float) -> FeatureDistance:
-        t = load_file(str(Path(folder) / OOD_FILE))
-        return cls(t["mean"], t["var"], threshold)
+    def load(cls, folder: Path, threshold: float, k: int = K) -> FeatureDistance:
+        return cls(load_file(str(Path(folder) / OOD_FILE))["bank"], threshold, k)
 
 
 @torch.no_grad()
 def fit_ood(
     model, loader: DataLoader, device: torch.device | str = "cpu"
 ) -> tuple[FeatureDistance, dict]:
-    """Fit statistics on ``loader``'s images; returns the detector and its config entry."""
+    """Fit on ``loader``'s images (the validation split); returns the detector and its config."""
     model.eval()
     feats = torch.cat([model.image_features(x.to(device)).float().cpu() for x, _, _ in loader])
-    mean, var = feats.mean(dim=0), feats.var(dim=0)
-    det = FeatureDistance(mean, var, 0.0)
-    d = det.distance(feats).numpy()
+    det = FeatureDistance(feats, 0.0)
+    d = det.distance(feats, exclude_self=True).numpy()
     det.threshold = float(np.percentile(d, PERCENTILE))
     info = {
-        "method": "diagonal Mahalanobis distance of pooled image features (val statistics)",
+        "method": f"cosine distance to the {K}-th nearest validation image (pooled features)",
+        "k": K,
         "percentile": PERCENTILE,
         "threshold": det.threshold,
         "n_fit": int(len(feats)),

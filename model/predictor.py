@@ -96,7 +96,7 @@ class Predictor:
         self.transform = ImageTransform(config.preprocessing, train=False)
         self.ood: FeatureDistance | None = None
         if config.ood and (folder / OOD_FILE).is_file():
-            self.ood = FeatureDistance.load(folder, config.ood["threshold"])
+            self.ood = FeatureDistance.load(folder, config.ood["threshold"], config.ood.get("k", 5))
 
     @classmethod
     def from_checkpoint(cls, path: Path | str | None = None, device: str = "cpu") -> Predictor:
@@ -155,7 +155,7 @@ class Predictor:
             if pred.ood_distance > self.ood.threshold:
                 pred.warnings.append(
                     "Unreliable: this image is unlike the dermoscopy images the model was trained "
-                    f"on (feature distance {pred.ood_distance:.1f} > {self.ood.threshold:.1f}, the "
+                    f"on (feature distance {pred.ood_distance:.3f} > {self.ood.threshold:.3f}, the "
                     "99th percentile of validation images)."
                 )
         if pred.top_probability < LOW_CONFIDENCE:

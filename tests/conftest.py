@@ -113,5 +113,5 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     )
     save_checkpoint(model, cfg, out)
     feat = int(model.backbone.num_features)
-    FeatureDistance(torch.zeros(feat), torch.ones(feat), 1e9).save(out)
+    FeatureDistance(torch.randn(16, feat), 1e9).save(out)
     return out
