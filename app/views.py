@@ -18,6 +18,7 @@ from typing import Any
 
 from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT
 from db.queries import HistoryFilter
+from model.checkpoint import SHIPPED_DIR
 from model.predictor import MALIGNANT_FLAG
 
 DISCLAIMER = "Research and education only — not a diagnosis."
@@ -287,7 +288,7 @@ def model_card_markdown(config, checkpoint_folder: Path | str | None = None) -> 
     if training.get("split_file"):
         sha = training.get("split_sha256", "")
         lines.append(
-            f"- **Split file:** `{training['split_file']}`"
+            f"- **Split file:** `splits/{Path(training['split_file']).name}`"
             + (f" (sha256 `{sha[:12]}…`)" if sha else "")
         )
     counts = training.get("train_class_counts")
@@ -323,7 +324,8 @@ def model_card_markdown(config, checkpoint_folder: Path | str | None = None) -> 
     command = training.get("command")
     if command:
         lines.append(f"- training (writes val/test metrics into the checkpoint): `{command}`")
-    ckpt = f" --checkpoint {checkpoint_folder}" if checkpoint_folder else ""
+    shipped = checkpoint_folder is None or Path(checkpoint_folder).resolve() == SHIPPED_DIR
+    ckpt = "" if shipped else f" --checkpoint {checkpoint_folder}"
     lines.append(
         "- re-score the test split: "
         f"`python -m scripts.evaluate --data-dir ../shared/ham10000{ckpt} --split test "

@@ -74,6 +74,13 @@ class TrainConfig:
     name: str = ""
 
 
+def _repo_relative(path: str | Path) -> str:
+    """Paths inside the repository are stored relative to it, so configs travel between clones."""
+    p = Path(path).resolve()
+    root = DEFAULT_SPLITS.parent.parent
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -211,7 +218,7 @@ def train(cfg: TrainConfig) -> Path:
         training={
             "command": command,
             "config": asdict(cfg),
-            "split_file": str(cfg.splits),
+            "split_file": _repo_relative(cfg.splits),
             "split_sha256": split_hash,
             "train_class_counts": dict(zip(CLASSES, counts.tolist())),
             "device": str(device),
