@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from data_pipeline.errors import DataError, DermError
@@ -142,10 +143,8 @@ def verify_images(df: pd.DataFrame) -> None:
             raise DataError(str(exc)) from None
 
 
-def metadata_matrix(df: pd.DataFrame):
+def metadata_matrix(df: pd.DataFrame) -> np.ndarray:
     """Encoded metadata for every row, shape (N, META_DIM), in row order."""
-    import numpy as np
-
     return np.stack(
         [
             Metadata(None if pd.isna(a) else float(a), s, site).encode()

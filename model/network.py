@@ -89,9 +89,8 @@ class FusionNet(nn.Module):
 
     @property
     def last_conv(self) -> nn.Module:
-        """The last convolutional stage (Grad-CAM target)."""
-        for name in ("conv_head", "bn2"):
-            if hasattr(self.backbone, name):
-                return getattr(self.backbone, "bn2", getattr(self.backbone, name))
-        convs = [m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)]
-        return convs[-1]
+        """The last convolutional stage (Grad-CAM target): timm EfficientNets end in
+        ``conv_head`` → ``bn2`` (BN + activation); other backbones fall back to the last conv."""
+        if hasattr(self.backbone, "bn2"):
+            return self.backbone.bn2
+        return [m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)][-1]
