@@ -129,6 +129,19 @@ def normalize_age(value: Any) -> float | None:
     return age
 
 
+def normalize_target(value: Any) -> str | None:
+    """The class an explanation is asked for: a code from :data:`CLASSES`, or None for blank
+    (meaning "the predicted class")."""
+    token = _clean_token(value)
+    if token is None:
+        return None
+    if token not in CLASSES:
+        raise MetadataError(
+            f"Unknown explanation target {value!r}: expected one of {', '.join(CLASSES)}."
+        )
+    return token
+
+
 @dataclass(frozen=True)
 class Metadata:
     """Validated patient metadata; any field may be unknown."""

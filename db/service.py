@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from data_pipeline.errors import DermError
 from data_pipeline.images import ImageSource, load_rgb
-from data_pipeline.schema import CLASSES, Metadata
+from data_pipeline.schema import CLASSES, Metadata, normalize_target
 from db.models import PredictionRecord, utcnow
 from db.queries import (
     HistoryFilter,
@@ -94,17 +94,6 @@ def image_sha256(source: ImageSource, rgb: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()).hexdigest()
 
 
-def _check_target(target: str | None) -> str | None:
-    if target is None or (isinstance(target, str) and not target.strip()):
-        return None
-    code = str(target).strip().lower()
-    if code not in CLASSES:
-        raise DermError(
-            f"Unknown explanation target {target!r}: expected one of {', '.join(CLASSES)}."
-        )
-    return code
-
-
 class PredictionService:
     """Predictor + history database. Safe to share between threads: inference is serialised by a
     lock, and each store uses its own session and transaction."""
@@ -146,7 +135,7 @@ class PredictionService:
         """
         # Validation (raises DermError subclasses; nothing has been written yet).
         Metadata.parse(age, sex, site)
-        target = _check_target(target)
+        target = normalize_target(target)
         rgb = load_rgb(image, name)
         digest = image_sha256(image, rgb)
 

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import MetadataError
 from data_pipeline.images import ImageSource, load_rgb
-from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT, Metadata
+from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT, Metadata, normalize_target
 from data_pipeline.transforms import ImageTransform, crop_to_aspect
 from model.attribution import gradcam, metadata_contributions
 from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
@@ -132,10 +131,7 @@ class Predictor:
         input (before any model work), so callers can show the message and store nothing."""
         t0 = time.perf_counter()
         meta = Metadata.parse(age, sex, site)
-        if target is not None and target not in CLASSES:
-            raise MetadataError(
-                f"Unknown target class {target!r}: expected one of {', '.join(CLASSES)}."
-            )
+        target = normalize_target(target)
         rgb, x = self.preprocess(image)
         m = torch.as_tensor(meta.encode(), device=self.device)[None]
         temperature = self.config.temperature

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.errors import DermError
-from data_pipeline.schema import CLASS_NAMES, Metadata
+from data_pipeline.schema import CLASS_NAMES, Metadata, normalize_target
 from scripts._cli import run_cli
 
 DISCLAIMER = "Research/education only — not a diagnosis."
@@ -118,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Fail fast on bad metadata / target before loading the model.
     Metadata.parse(args.age, args.sex, args.site)
-    if args.target is not None and args.target.strip().lower() not in CLASS_NAMES:
-        raise DermError(
-            f"Unknown explanation target {args.target!r}: expected one of {', '.join(CLASS_NAMES)}."
-        )
-    target = args.target.strip().lower() if args.target else None
+    target = normalize_target(args.target)
 
     service = None
     predictor = None
