@@ -137,7 +137,6 @@ class PredictionService:
         Metadata.parse(age, sex, site)
         target = normalize_target(target)
         rgb = load_rgb(image, name)
-        digest = image_sha256(image, rgb)
 
         with self._lock:
             pred = self.predictor.predict(
@@ -146,7 +145,7 @@ class PredictionService:
         if self.db is None:
             return StoredPrediction(id=None, prediction=pred, stored=False)
 
-        record = self._record(pred, rgb, digest)
+        record = self._record(pred, rgb, image_sha256(image, rgb))
         try:
             with self.db.session() as session:
                 session.add(record)

@@ -120,19 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     Metadata.parse(args.age, args.sex, args.site)
     target = normalize_target(args.target)
 
-    service = None
-    predictor = None
-    if args.db:
-        from db.service import PredictionService
+    from db.service import PredictionService
+    from db.session import Database
+    from model.predictor import Predictor
 
-        service = PredictionService.create(
-            args.checkpoint, args.db, store_images=not args.no_store_images
-        )
-        predictor = service.predictor
-    else:
-        from model.predictor import Predictor
-
-        predictor = Predictor.from_checkpoint(args.checkpoint)
+    # One code path with or without --db: the service predicts and, given a database, stores.
+    predictor = Predictor.from_checkpoint(args.checkpoint)
+    service = PredictionService(
+        predictor, Database(args.db) if args.db else None, store_images=not args.no_store_images
+    )
 
     results: list[dict[str, Any]] = []
     failed = 0
@@ -140,22 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for path in args.images:
             try:
-                if service is not None:
-                    stored = service.predict_and_store(
-                        path, args.age, args.sex, args.site, target=target, tta=args.tta
-                    )
-                    pred, row_id = stored.prediction, stored.id
-                else:
-                    pred = predictor.predict(
-                        path,
-                        args.age,
-                        args.sex,
-                        args.site,
-                        explain=True,
-                        target=target,
-                        tta=args.tta,
-                    )
-                    row_id = None
+                stored = service.predict_and_store(
+                    path, args.age, args.sex, args.site, target=target, tta=args.tta
+                )
+                pred, row_id = stored.prediction, stored.id
             except DermError as exc:
                 failed += 1
                 print(f"error: {exc}", file=sys.stderr)
@@ -171,13 +155,14 @@ def main(argv: list[str] | None = None) -> int:
                     d["files"] = [str(p) for p in written]
                 results.append(d)
             else:
-                print(format_text(path, pred, row_id, service.db.display_url if service else None))
+                print(
+                    format_text(path, pred, row_id, service.db.display_url if service.db else None)
+                )
                 for p in written:
                     print(f"  wrote {p}")
                 print()
     finally:
-        if service is not None:
-            service.close()
+        service.close()
 
     if args.json:
         print(json.dumps(results, indent=2))
