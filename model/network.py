@@ -61,10 +61,12 @@ class FusionNet(nn.Module):
             self.meta_mlp = None
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(feat_dim, cfg.num_classes)
+        # channels-last convolutions are ~1.5x faster on CPU (oneDNN) and native for cuDNN AMP.
+        self.to(memory_format=torch.channels_last)
 
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, shape (B, num_features)."""
-        return self.backbone(image)
+        return self.backbone(image.contiguous(memory_format=torch.channels_last))
 
     def head(self, features: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
         """Logits from cached image features and a metadata batch."""

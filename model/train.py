@@ -36,6 +36,7 @@ from data_pipeline.splits import load_or_make_splits
 from data_pipeline.transforms import AugmentConfig, ImageTransform, Preprocessing
 from model.calibration import fit_temperature, softmax
 from model.checkpoint import CheckpointConfig, save_checkpoint
+from model.ema import WeightEMA
 from model.engine import collect_logits
 from model.metrics import compute_metrics, headline
 from model.network import FusionNet, ModelConfig
@@ -54,7 +55,7 @@ class TrainConfig:
     pretrained: bool = True
     height: int = 192
     width: int = 192
-    epochs: int = 9
+    epochs: int = 14
     batch_size: int = 32
     lr: float = 1e-3
     backbone_lr_mult: float = 0.3
@@ -65,6 +66,7 @@ class TrainConfig:
     label_smoothing: float = 0.05
     meta_blank_prob: float = 0.15
     patience: int = 4
+    ema_decay: float = 0.998
     seed: int = 42
     workers: int = 0
     threads: int = 0
@@ -195,6 +197,8 @@ def train(cfg: TrainConfig) -> Path:
         label_smoothing=cfg.label_smoothing,
     )
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    evaluated = ema.module if ema else model  # what is validated, selected and shipped
 
     history: list[dict] = []
     start_epoch, best_score, best_epoch = 1, -1.0, 0
@@ -208,6 +212,8 @@ def train(cfg: TrainConfig) -> Path:
         start_epoch = int(state["epoch"]) + 1
         best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
         torch.set_rng_state(state["torch_rng"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
         print(f"resumed from {state_path} after epoch {start_epoch - 1}", flush=True)
 
     name = cfg.name or out.name
@@ -242,6 +248,8 @@ def train(cfg: TrainConfig) -> Path:
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             seen += len(y)
             total_loss += loss.item() * len(y)
             bar.set_postfix(
@@ -249,7 +257,7 @@ def train(cfg: TrainConfig) -> Path:
             )
         bar.close()
         train_time = time.time() - t0
-        logits, labels = collect_logits(model, loaders["val"], device)
+        logits, labels = collect_logits(evaluated, loaders["val"], device)
         val = compute_metrics(labels, softmax(logits), CLASSES)
         row = {
             "epoch": epoch,
@@ -269,7 +277,7 @@ def train(cfg: TrainConfig) -> Path:
             best_score, best_epoch = val["balanced_accuracy"], epoch
             ck = CheckpointConfig(**base_cfg, metrics={"val_uncalibrated": val})
             ck.training["best_epoch"] = epoch
-            save_checkpoint(model, ck, out / "best")
+            save_checkpoint(evaluated, ck, out / "best")
         write_history(history, out)
         torch.save(
             {
@@ -281,6 +289,7 @@ def train(cfg: TrainConfig) -> Path:
                 "best_epoch": best_epoch,
                 "history_json": json.dumps(history),
                 "torch_rng": torch.get_rng_state(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
             },
             state_path.with_suffix(".tmp"),
         )
