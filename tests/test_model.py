@@ -186,6 +186,27 @@ def test_predictor_any_subset_of_metadata(tiny_checkpoint, synthetic_ham):
     assert all(v == 0.0 for v in blank.metadata_contributions.values())  # unknown vs unknown
 
 
+def test_weight_ema_warms_up_then_tracks_the_weights():
+    from model.ema import WeightEMA
+
+    lin = torch.nn.Linear(3, 2)
+    start = lin.weight.detach().clone()
+    ema = WeightEMA(lin, decay=0.99)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update(lin)  # warm-up: d = (1+1)/(10+1), so the average moves 9/11 of the way
+    assert torch.allclose(ema.module.weight, start + 9 / 11)
+    for _ in range(2000):
+        ema.update(lin)
+    assert torch.allclose(ema.module.weight, lin.weight, atol=1e-5)
+    assert not ema.module.weight.requires_grad
+    copy = WeightEMA(torch.nn.Linear(3, 2), decay=0.99)
+    copy.load_state_dict(ema.state_dict())
+    assert copy.updates == 2001 and torch.equal(copy.module.weight, ema.module.weight)
+    with pytest.raises(ValueError, match="decay"):
+        WeightEMA(lin, decay=1.0)
+
+
 def test_train_cli_and_resume(tmp_path):
     from tests.conftest import write_synthetic_ham
 
