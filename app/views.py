@@ -263,6 +263,12 @@ def model_card_markdown(config, checkpoint_folder: Path | str | None = None) -> 
         (
             f"- **Architecture:** `{mcfg.backbone}` image branch fused with a small MLP over patient "
             f"metadata; inputs: {inputs}."
+            + (
+                f" An ensemble of {mcfg.members} such networks trained with different seeds "
+                "(mean logits)."
+                if getattr(mcfg, "members", 1) > 1
+                else ""
+            )
         ),
         f"- **Input:** images centre-cropped to 4:3 and resized to {pre.width}×{pre.height} px.",
         (
@@ -301,6 +307,11 @@ def model_card_markdown(config, checkpoint_folder: Path | str | None = None) -> 
         lines.append(
             f"- **Best epoch (by validation balanced accuracy):** {training['best_epoch']}"
         )
+    for i, member in enumerate(training.get("members") or [], start=1):
+        lines.append(
+            f"- **Member {i}** (`{member.get('version')}`, seed {member.get('seed')}, best epoch "
+            f"{member.get('best_epoch')}): `{member.get('command')}`"
+        )
 
     lines.append("### Performance")
     table = _metrics_table(metrics)
@@ -323,7 +334,8 @@ def model_card_markdown(config, checkpoint_folder: Path | str | None = None) -> 
     lines.append("**Reproduce:**")
     command = training.get("command")
     if command:
-        lines.append(f"- training (writes val/test metrics into the checkpoint): `{command}`")
+        what = "ensembling" if training.get("members") else "training"
+        lines.append(f"- {what} (writes val/test metrics into the checkpoint): `{command}`")
     shipped = checkpoint_folder is None or Path(checkpoint_folder).resolve() == SHIPPED_DIR
     ckpt = "" if shipped else f" --checkpoint {checkpoint_folder}"
     lines.append(

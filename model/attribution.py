@@ -21,19 +21,25 @@ import torch
 from captum.attr import FeatureAblation, LayerAttribution, LayerGradCam
 
 from data_pipeline.schema import FIELD_SLICES, FIELDS, META_DIM, UNKNOWN_VECTOR
-from model.network import FusionNet
+from model.network import Network
 
 
-def gradcam(model: FusionNet, image: torch.Tensor, meta: torch.Tensor, target: int) -> np.ndarray:
-    """Grad-CAM heatmap for ``target``, shape (H, W) of ``image``, values in [0, 1]."""
+def gradcam(model: Network, image: torch.Tensor, meta: torch.Tensor, target: int) -> np.ndarray:
+    """Grad-CAM heatmap for ``target``, shape (H, W) of ``image``, values in [0, 1].
+
+    For an ensemble the maps of every member's last stage are summed (see ``cam_layers``)."""
     model.eval()
-    cam = LayerGradCam(model, model.last_conv)
-    with torch.enable_grad():
-        attr = cam.attribute(
-            image, target=target, additional_forward_args=(meta,), relu_attributions=True
+    heat = np.zeros(tuple(image.shape[-2:]), dtype=np.float32)
+    for layer in model.cam_layers:
+        cam = LayerGradCam(model, layer)
+        with torch.enable_grad():
+            attr = cam.attribute(
+                image, target=target, additional_forward_args=(meta,), relu_attributions=True
+            )
+        up = LayerAttribution.interpolate(
+            attr, tuple(image.shape[-2:]), interpolate_mode="bilinear"
         )
-    up = LayerAttribution.interpolate(attr, tuple(image.shape[-2:]), interpolate_mode="bilinear")
-    heat = up[0, 0].detach().float().cpu().numpy()
+        heat += up[0, 0].detach().float().cpu().numpy()
     heat = np.maximum(heat, 0.0)
     peak = float(heat.max())
     return (heat / peak).astype(np.float32) if peak > 0 else np.zeros_like(heat, dtype=np.float32)
@@ -47,7 +53,7 @@ def _field_mask() -> torch.Tensor:
 
 
 def metadata_contributions(
-    model: FusionNet,
+    model: Network,
     features: torch.Tensor,
     meta: torch.Tensor,
     target: int,
@@ -55,7 +61,7 @@ def metadata_contributions(
 ) -> dict[str, float] | None:
     """Signed change in P(target) per field versus that field being unknown; None if the model
     does not use metadata (image-only variant)."""
-    if model.meta_mlp is None:
+    if not model.uses_metadata:
         return None
     model.eval()
 

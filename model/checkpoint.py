@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from data_pipeline.errors import DermError
 from data_pipeline.schema import check_vocabulary, vocabulary
 from data_pipeline.transforms import Preprocessing
-from model.network import FusionNet, ModelConfig
+from model.network import ModelConfig, Network, build_network
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -100,15 +100,38 @@ def resolve_dir(path: Path | str | None) -> Path:
     return path
 
 
-def save_checkpoint(model: FusionNet, cfg: CheckpointConfig, out_dir: Path | str) -> Path:
-    """Write weights then config (config last, so a folder with a config is complete)."""
+def save_checkpoint(
+    model: Network,
+    cfg: CheckpointConfig,
+    out_dir: Path | str,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write weights then config (config last, so a folder with a config is complete).
+
+    ``dtype`` (e.g. ``torch.float16``) stores floating tensors at lower precision to keep a shipped
+    ensemble small; loading casts back to float32. Round the model with :func:`round_weights`
+    *before* measuring it, so stored metrics describe exactly the stored weights."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: _cast(v.detach().cpu(), dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS_FILE))
     cfg.weights_sha256 = hashlib.sha256((out_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
     write_config(cfg, out_dir)
     return out_dir
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+@torch.no_grad()
+def round_weights(model: Network, dtype: torch.dtype) -> Network:
+    """Round floating weights/buffers through ``dtype`` in place (what saving at ``dtype`` and
+    loading back would give)."""
+    for t in model.state_dict().values():
+        if t.is_floating_point():
+            t.copy_(t.to(dtype))
+    return model
 
 
 def write_config(cfg: CheckpointConfig, out_dir: Path | str) -> None:
@@ -131,11 +154,11 @@ def load_config(path: Path | str | None) -> CheckpointConfig:
 
 def load_checkpoint(
     path: Path | str | None = None, device: str | torch.device = "cpu"
-) -> tuple[FusionNet, CheckpointConfig]:
+) -> tuple[Network, CheckpointConfig]:
     """Rebuild the network from its config and load the weights; returns (model.eval(), cfg)."""
     folder = resolve_dir(path)
     cfg = load_config(folder)
-    model = FusionNet(cfg.model, pretrained=False)
+    model = build_network(cfg.model, pretrained=False)
     state = load_file(str(folder / WEIGHTS_FILE), device=str(device))
     try:
         model.load_state_dict(state, strict=True)

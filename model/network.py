@@ -6,7 +6,7 @@ metadata attributions can re-run only the cheap head while the image features st
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ class ModelConfig:
     meta_hidden: int = 64
     meta_out: int = 32
     dropout: float = 0.3
+    #: > 1: a seed ensemble of this many FusionNets sharing every other field (FusionEnsemble).
+    members: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +81,15 @@ class FusionNet(nn.Module):
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.image_features(image), meta)
 
+    @property
+    def uses_metadata(self) -> bool:
+        return self.meta_mlp is not None
+
+    @property
+    def cam_layers(self) -> list[nn.Module]:
+        """Layers whose Grad-CAM maps are summed into the image heatmap."""
+        return [self.last_conv]
+
     def param_groups(self, lr: float, backbone_lr_mult: float) -> list[dict]:
         """Discriminative learning rates: the pretrained backbone learns slower than new layers."""
         backbone = list(self.backbone.parameters())
@@ -96,3 +107,63 @@ class FusionNet(nn.Module):
         if hasattr(self.backbone, "bn2"):
             return self.backbone.bn2
         return [m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)][-1]
+
+
+class FusionEnsemble(nn.Module):
+    """Mean logits of N FusionNets trained with different seeds on the same split.
+
+    Averaging independently trained networks is the most reliable way to improve ranking (AUC)
+    without new data. The interface is FusionNet's: image features are the members' pooled
+    features concatenated, and :meth:`head` splits them back, so cached-feature metadata
+    attributions, TTA and the OOD check work unchanged; Grad-CAM sums each member's map.
+    """
+
+    def __init__(self, cfg: ModelConfig, pretrained: bool = False) -> None:
+        super().__init__()
+        if cfg.members < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {cfg.members}")
+        self.cfg = cfg
+        member_cfg = replace(cfg, members=1)
+        self.members = nn.ModuleList(
+            FusionNet(member_cfg, pretrained=pretrained) for _ in range(cfg.members)
+        )
+        self._dims = [int(m.backbone.num_features) for m in self.members]
+
+    @classmethod
+    def from_members(cls, members: list[FusionNet]) -> FusionEnsemble:
+        """Wrap trained single networks (identical configs) into one ensemble."""
+        cfgs = {m.cfg for m in members}
+        if len(cfgs) != 1:
+            raise ValueError("ensemble members must share one architecture config")
+        ens = cls(replace(members[0].cfg, members=len(members)))
+        for mine, theirs in zip(ens.members, members):
+            mine.load_state_dict(theirs.state_dict())
+        return ens.eval()
+
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.image_features(image) for m in self.members], dim=1)
+
+    def head(self, features: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
+        parts = torch.split(features, self._dims, dim=1)
+        return torch.stack([m.head(f, meta) for m, f in zip(self.members, parts)]).mean(dim=0)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.image_features(image), meta)
+
+    @property
+    def uses_metadata(self) -> bool:
+        return self.cfg.use_metadata
+
+    @property
+    def cam_layers(self) -> list[nn.Module]:
+        # d(mean logit)/d(layer of member i) is member i's own gradient / N, so the summed maps
+        # are exactly the ensemble's Grad-CAM over all members' last stages.
+        return [m.last_conv for m in self.members]
+
+
+Network = FusionNet | FusionEnsemble
+
+
+def build_network(cfg: ModelConfig, pretrained: bool = False) -> Network:
+    """The network a config describes: one FusionNet, or an ensemble when ``members > 1``."""
+    return FusionEnsemble(cfg, pretrained) if cfg.members > 1 else FusionNet(cfg, pretrained)

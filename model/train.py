@@ -40,7 +40,7 @@ from model.ema import WeightEMA
 from model.engine import collect_logits
 from model.metrics import compute_metrics, headline
 from model.network import FusionNet, ModelConfig
-from model.ood import fit_ood
+from model.ood import FeatureDistance, fit_ood
 
 DEFAULT_SPLITS = Path(__file__).resolve().parent.parent / "splits" / "ham10000_seed42.csv"
 
@@ -303,6 +303,15 @@ def finalize(out: Path, loaders: dict, device: torch.device) -> Path:
     from model.checkpoint import load_checkpoint
 
     model, ck = load_checkpoint(out / "best", device=device)
+    detector = calibrate_and_score(model, ck, loaders, device)
+    save_checkpoint(model, ck, out)
+    detector.save(out)
+    return out
+
+
+def calibrate_and_score(model, ck: CheckpointConfig, loaders: dict, device) -> FeatureDistance:
+    """Fit the OOD check and the temperature on val, score val and test; fills ``ck`` in place.
+    Shared by training and by ensembling, so both ship identically described checkpoints."""
     detector, ck.ood = fit_ood(model, loaders["val"], device)
     val_logits, val_labels = collect_logits(model, loaders["val"], device)
     ck.temperature = fit_temperature(val_logits, val_labels)
@@ -311,9 +320,7 @@ def finalize(out: Path, loaders: dict, device: torch.device) -> Path:
         "val": compute_metrics(val_labels, softmax(val_logits, ck.temperature), CLASSES),
         "test": compute_metrics(test_labels, softmax(test_logits, ck.temperature), CLASSES),
     }
-    save_checkpoint(model, ck, out)
-    detector.save(out)
     print(f"temperature {ck.temperature:.3f}", flush=True)
     print(f"val  {headline(ck.metrics['val'])}", flush=True)
     print(f"test {headline(ck.metrics['test'])}", flush=True)
-    return out
+    return detector

@@ -12,9 +12,16 @@ import torch
 
 from data_pipeline.schema import CLASSES, META_DIM, UNKNOWN_VECTOR, Metadata
 from model.calibration import fit_temperature, softmax
-from model.checkpoint import CheckpointError, load_checkpoint, resolve_dir
+from model.checkpoint import (
+    CheckpointConfig,
+    CheckpointError,
+    load_checkpoint,
+    resolve_dir,
+    round_weights,
+    save_checkpoint,
+)
 from model.metrics import compute_metrics, expected_calibration_error
-from model.network import FusionNet, ModelConfig
+from model.network import FusionEnsemble, FusionNet, ModelConfig
 from model.predictor import Predictor
 from model.pretrained import (
     WeightsError,
@@ -115,6 +122,39 @@ def test_checkpoint_round_trip(tiny_checkpoint):
     assert cfg.preprocessing.height == 64 and cfg.vocabulary["classes"] == list(CLASSES)
 
 
+def test_ensemble_is_member_mean_and_float16_round_trip(tmp_path):
+    from data_pipeline.transforms import Preprocessing
+    from model.attribution import gradcam, metadata_contributions
+
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(FusionNet(ModelConfig(), pretrained=False).eval())
+    ens = FusionEnsemble.from_members(members)
+    x = torch.randn(2, 3, 64, 64)
+    meta = torch.as_tensor(np.stack([Metadata.parse(40, "female", "face").encode()] * 2))
+    with torch.no_grad():
+        expected = (members[0](x, meta) + members[1](x, meta)) / 2
+        assert torch.allclose(ens(x, meta), expected, atol=1e-5)
+        feats = ens.image_features(x)
+        assert feats.shape[1] == 2 * members[0].backbone.num_features
+        assert torch.allclose(ens.head(feats, meta), expected, atol=1e-5)
+
+    round_weights(ens, torch.float16)
+    cfg = CheckpointConfig(name="ens", model=ens.cfg, preprocessing=Preprocessing(64, 64))
+    save_checkpoint(ens, cfg, tmp_path / "ens", dtype=torch.float16)
+    loaded, cfg2 = load_checkpoint(tmp_path / "ens")
+    assert isinstance(loaded, FusionEnsemble) and cfg2.model.members == 2
+    single = (tmp_path / "ens" / "model.safetensors").stat().st_size
+    assert single < 1.1 * sum(p.numel() for p in ens.parameters()) * 2  # float16 on disk
+    with torch.no_grad():
+        assert torch.equal(loaded(x, meta), ens(x, meta))
+    heat = gradcam(loaded, x[:1], meta[:1], target=3)
+    assert heat.shape == (64, 64) and 0.0 <= heat.min() and heat.max() <= 1.0
+    contrib = metadata_contributions(loaded, loaded.image_features(x[:1]), meta[:1], 3)
+    assert set(contrib) == {"age", "sex", "site"}
+
+
 def test_checkpoint_errors(tmp_path, tiny_checkpoint):
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         resolve_dir(tmp_path)
@@ -207,7 +247,7 @@ def test_weight_ema_warms_up_then_tracks_the_weights():
         WeightEMA(lin, decay=1.0)
 
 
-def test_train_cli_and_resume(tmp_path):
+def test_train_resume_evaluate_and_ensemble_cli(tmp_path):
     from tests.conftest import write_synthetic_ham
 
     data = write_synthetic_ham(tmp_path / "ham", per_class=14)
@@ -273,6 +313,32 @@ def test_train_cli_and_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((ev / "metrics.json").read_text())
     assert m["n"] == cfg["metrics"]["test"]["n"] and m["tta"] is True
+
+    # a second seed on the same split, then both into one ensemble checkpoint
+    second = [*base[:6], str(tmp_path / "run_s1"), *base[7:], "--epochs", "1", "--seed", "1"]
+    r = subprocess.run(second, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ens_cmd = [sys.executable, "-m", "scripts.ensemble", "--data-dir", str(data), "--out"]
+    r = subprocess.run(
+        [*ens_cmd, str(tmp_path / "ens"), str(out), str(tmp_path / "run_s1")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    ens = json.loads((tmp_path / "ens" / "config.json").read_text())
+    assert ens["model"]["members"] == 2 and ens["training"]["weights_dtype"] == "float16"
+    assert [mb["seed"] for mb in ens["training"]["members"]] == [42, 1]
+    assert ens["training"]["split_sha256"] == cfg["training"]["split_sha256"]
+    assert ens["metrics"]["test"]["n"] == m["n"] and ens["temperature"] > 0
+    image = next(data.rglob("*.jpg"))
+    pred = Predictor.from_checkpoint(tmp_path / "ens").predict(image, age=50)
+    assert abs(sum(pred.probabilities.values()) - 1) < 1e-5 and pred.heatmap is not None
+
+    r = subprocess.run(
+        [*ens_cmd, str(tmp_path / "e1"), str(out)], cwd=REPO, capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "at least two" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_train_cli_bad_data_dir(tmp_path):

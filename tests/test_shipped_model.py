@@ -23,7 +23,10 @@ def test_config_is_self_describing():
     assert cfg.preprocessing.height == cfg.preprocessing.width == 192
     assert cfg.vocabulary == vocabulary()
     assert 0.05 < cfg.temperature < 20
-    assert "scripts.train" in cfg.training["command"]
+    command = cfg.training["command"]
+    assert "scripts.train" in command or "scripts.ensemble" in command
+    for member in cfg.training.get("members", []):  # an ensemble records how each member was made
+        assert "scripts.train" in member["command"] and "@" in member["version"]
     assert cfg.training["split_sha256"] == file_sha256(DEFAULT_SPLITS)
     for split in ("val", "test"):
         assert cfg.metrics[split]["n"] == 1287
