@@ -266,7 +266,7 @@ def model_card_markdown(config, checkpoint_folder: Path | str | None = None) -> 
             + (
                 f" An ensemble of {mcfg.members} such networks trained with different seeds "
                 "(mean logits)."
-                if getattr(mcfg, "members", 1) > 1
+                if mcfg.members > 1
                 else ""
             )
         ),

@@ -27,11 +27,11 @@ from model.network import Network
 def gradcam(model: Network, image: torch.Tensor, meta: torch.Tensor, target: int) -> np.ndarray:
     """Grad-CAM heatmap for ``target``, shape (H, W) of ``image``, values in [0, 1].
 
-    For an ensemble the maps of every member's last stage are summed (see ``cam_layers``)."""
+    For an ensemble the maps of every member's last stage are summed (see ``cam_targets``)."""
     model.eval()
     heat = np.zeros(tuple(image.shape[-2:]), dtype=np.float32)
-    for layer in model.cam_layers:
-        cam = LayerGradCam(model, layer)
+    for net, layer in model.cam_targets:
+        cam = LayerGradCam(net, layer)
         with torch.enable_grad():
             attr = cam.attribute(
                 image, target=target, additional_forward_args=(meta,), relu_attributions=True

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 from data_pipeline.dataset import LesionDataset
 from data_pipeline.errors import DataError
 from data_pipeline.ham10000 import load_metadata
-from data_pipeline.splits import attach_splits, file_sha256, load_splits
 from data_pipeline.transforms import ImageTransform
 from model.checkpoint import (
     CheckpointConfig,
@@ -30,7 +29,7 @@ from model.checkpoint import (
     round_weights,
     save_checkpoint,
 )
-from model.evaluate import split_file_for
+from model.evaluate import select_rows
 from model.network import FusionEnsemble, FusionNet
 from model.train import calibrate_and_score
 
@@ -74,15 +73,14 @@ def build_ensemble(
         round_weights(model, dtype)
 
     first = configs[0]
-    split_path = split_file_for(first)
-    if file_sha256(split_path) != first.training.get("split_sha256"):
-        raise DataError(f"{split_path} is not the split file the members were trained with.")
-    df = attach_splits(load_metadata(data_dir), load_splits(split_path))
+    df = load_metadata(data_dir)
     tf = ImageTransform(first.preprocessing, train=False)
-    loaders = {
-        split: DataLoader(LesionDataset(df[df["split"] == split], tf), batch_size=64)
-        for split in ("val", "test")
-    }
+    loaders = {}
+    for split in ("val", "test"):
+        rows, info = select_rows(df, first, split, None)
+        if "warning" in info:  # val must be the members' val, or calibration and selection leak
+            raise DataError(f"{info['split_file']}: {info['warning']}.")
+        loaders[split] = DataLoader(LesionDataset(rows, tf), batch_size=64)
     ck = CheckpointConfig(
         name=name or f"{first.name}-ensemble{len(nets)}",
         model=model.cfg,

@@ -86,9 +86,9 @@ class FusionNet(nn.Module):
         return self.meta_mlp is not None
 
     @property
-    def cam_layers(self) -> list[nn.Module]:
-        """Layers whose Grad-CAM maps are summed into the image heatmap."""
-        return [self.last_conv]
+    def cam_targets(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(network, layer) pairs whose Grad-CAM maps are summed into the image heatmap."""
+        return [(self, self.last_conv)]
 
     def param_groups(self, lr: float, backbone_lr_mult: float) -> list[dict]:
         """Discriminative learning rates: the pretrained backbone learns slower than new layers."""
@@ -155,10 +155,11 @@ class FusionEnsemble(nn.Module):
         return self.cfg.use_metadata
 
     @property
-    def cam_layers(self) -> list[nn.Module]:
-        # d(mean logit)/d(layer of member i) is member i's own gradient / N, so the summed maps
-        # are exactly the ensemble's Grad-CAM over all members' last stages.
-        return [m.last_conv for m in self.members]
+    def cam_targets(self) -> list[tuple[nn.Module, nn.Module]]:
+        # d(mean logit)/d(layer of member i) is member i's own gradient / N, so each member's own
+        # Grad-CAM is the ensemble's up to a common 1/N that normalisation removes; running each
+        # member alone avoids N-1 wasted forward/backward passes per map.
+        return [(m, m.last_conv) for m in self.members]
 
 
 Network = FusionNet | FusionEnsemble

@@ -39,7 +39,7 @@ from model.checkpoint import CheckpointConfig, save_checkpoint
 from model.ema import WeightEMA
 from model.engine import collect_logits
 from model.metrics import compute_metrics, headline
-from model.network import FusionNet, ModelConfig
+from model.network import FusionNet, ModelConfig, Network
 from model.ood import FeatureDistance, fit_ood
 
 DEFAULT_SPLITS = Path(__file__).resolve().parent.parent / "splits" / "ham10000_seed42.csv"
@@ -309,7 +309,9 @@ def finalize(out: Path, loaders: dict, device: torch.device) -> Path:
     return out
 
 
-def calibrate_and_score(model, ck: CheckpointConfig, loaders: dict, device) -> FeatureDistance:
+def calibrate_and_score(
+    model: Network, ck: CheckpointConfig, loaders: dict, device: torch.device | str
+) -> FeatureDistance:
     """Fit the OOD check and the temperature on val, score val and test; fills ``ck`` in place.
     Shared by training and by ensembling, so both ship identically described checkpoints."""
     detector, ck.ood = fit_ood(model, loaders["val"], device)
