@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.errors import DermError
-from scripts._cli import run_cli
+from common.errors import DermError
+from common.cli import run_cli
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860

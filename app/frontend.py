@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from app import views
-from data_pipeline.errors import DermError
+from common.errors import DermError
 from data_pipeline.schema import CLASSES, SEXES, SITES, UNKNOWN
 from db.service import PredictionService, StorageError, StoredPrediction
 from model.render import contributions_chart, overlay_heatmap

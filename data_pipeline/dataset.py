@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from data_pipeline.errors import DataError, DermError
+from common.errors import DataError, DermError
 from data_pipeline.ham10000 import metadata_matrix
 from data_pipeline.images import load_rgb
 from data_pipeline.schema import CLASSES, FIELDS, blank_fields

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_pipeline.errors import DataError, DermError
+from common.errors import DataError, DermError
 from data_pipeline.images import load_rgb
 from data_pipeline.schema import CLASSES, Metadata
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_pipeline.errors import ImageError
+from common.errors import ImageError
 
 #: Smallest side we accept: below this a lesion cannot be seen at all.
 MIN_SIDE = 32

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.errors import MetadataError
+from common.errors import MetadataError
 
 #: Diagnosis codes in the fixed order used for logits, metrics and the database.
 CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")

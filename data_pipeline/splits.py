@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
-from data_pipeline.errors import DataError
+from common.errors import DataError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "split")

@@ -35,7 +35,7 @@ from sqlalchemy import (
     select,
 )
 
-from data_pipeline.errors import DermError
+from common.errors import DermError
 from db.models import UTCDateTime, utcnow
 
 MIGRATIONS_TABLE = "schema_migrations"

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.orm import Session, defer
 
-from data_pipeline.errors import DermError
+from common.errors import DermError
 from data_pipeline.schema import CLASSES, normalize_age, normalize_sex, normalize_site
 from db.models import PredictionRecord, as_utc
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy.exc import SQLAlchemyError
 
-from data_pipeline.errors import DermError
+from common.errors import DermError
 from data_pipeline.images import ImageSource, load_rgb
 from data_pipeline.schema import CLASSES, Metadata, normalize_target
 from db.models import PredictionRecord, utcnow

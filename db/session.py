@@ -20,7 +20,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from data_pipeline.errors import DermError
+from common.errors import DermError
 
 DEFAULT_DB_URL = "sqlite:///predictions.db"
 DB_URL_ENV = "SKIN_DB_URL"

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_pipeline.errors import DermError
+from common.errors import DermError
 from data_pipeline.schema import check_vocabulary, vocabulary
 from data_pipeline.transforms import Preprocessing
 from model.network import ModelConfig, Network, build_network

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_pipeline.dataset import LesionDataset
-from data_pipeline.errors import DataError
+from common.errors import DataError
 from data_pipeline.ham10000 import load_metadata
 from data_pipeline.transforms import ImageTransform
 from model.checkpoint import (

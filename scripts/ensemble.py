@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from model.ensemble import build_ensemble
-from scripts._cli import run_cli
+from common.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from model.evaluate import evaluate
 from model.metrics import headline
-from scripts._cli import run_cli
+from common.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

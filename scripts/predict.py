@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.errors import DermError
+from common.errors import DermError
 from data_pipeline.schema import CLASS_NAMES, Metadata, normalize_target
-from scripts._cli import run_cli
+from common.cli import run_cli
 
 DISCLAIMER = "Research/education only — not a diagnosis."
 

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from data_pipeline.errors import DermError
+from common.errors import DermError
 from data_pipeline.schema import CLASSES, FIELDS
 from db.models import PredictionRecord
 from db.queries import (
@@ -32,7 +32,7 @@ from db.queries import (
     query_predictions,
 )
 from db.session import Database, resolve_db_url, sqlite_path
-from scripts._cli import run_cli
+from common.cli import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

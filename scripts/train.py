@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 
 from model.train import TrainConfig, train
-from scripts._cli import run_cli
+from common.cli import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 from app import frontend, views
 from app.__main__ import build_parser, launch, main, parse_auth
 from app.frontend import EXAMPLES_DIR, make_frontend
-from data_pipeline.errors import DermError
+from common.errors import DermError
 from data_pipeline.schema import CLASS_NAMES, CLASSES
 from db.service import PredictionService
 

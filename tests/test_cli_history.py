@@ -18,7 +18,7 @@ from PIL import Image
 from data_pipeline.schema import CLASS_NAMES, CLASSES
 from db.session import DB_URL_ENV
 from scripts import predict, query_history
-from scripts._cli import run_cli
+from common.cli import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 DISCLAIMER = "Research/education only — not a diagnosis."

@@ -14,7 +14,7 @@ from data_pipeline.dataset import (
     expected_class_share,
     make_weighted_sampler,
 )
-from data_pipeline.errors import DataError, ImageError, MetadataError
+from common.errors import DataError, ImageError, MetadataError
 from data_pipeline.ham10000 import load_metadata, verify_images
 from data_pipeline.images import load_rgb
 from data_pipeline.schema import (

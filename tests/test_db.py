@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import Column, String, inspect, select, text
 
-from data_pipeline.errors import DermError, MetadataError
+from common.errors import DermError, MetadataError
 from db import migrations
 from db.models import Base, PredictionRecord
 from db.queries import (

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from scripts._cli import run_cli
+from common.cli import run_cli
 from scripts.inspect_data import main
 from tests.conftest import REPO, write_synthetic_ham
 

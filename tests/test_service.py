@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
-from data_pipeline.errors import DermError, ImageError, MetadataError
+from common.errors import DermError, ImageError, MetadataError
 from data_pipeline.images import load_rgb
 from data_pipeline.schema import CLASSES
 from db.queries import HistoryFilter
