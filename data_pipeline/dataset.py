@@ -21,7 +21,9 @@ class LesionDataset(Dataset):
     """Rows of a loaded metadata table (see :func:`data_pipeline.ham10000.load_metadata`).
 
     ``blank_prob`` is the per-field probability of replacing age / sex / site with "unknown" in
-    training, so the fused model stays useful when a user leaves fields empty.
+    training, so the fused model stays useful when a user leaves fields empty. With ``masks``
+    (per row, the classes its source can contain; see :func:`data_pipeline.sources.class_masks`)
+    items are ``(image, meta, label, mask)`` for the source-aware training loss.
     """
 
     def __init__(
@@ -30,6 +32,7 @@ class LesionDataset(Dataset):
         transform: ImageTransform,
         blank_prob: float = 0.0,
         seed: int = 0,
+        masks: np.ndarray | None = None,
     ) -> None:
         self.paths = df["path"].tolist()
         self.labels = df["label"].to_numpy(dtype=np.int64)
@@ -37,6 +40,7 @@ class LesionDataset(Dataset):
         self.transform = transform
         self.blank_prob = blank_prob
         self.rng = np.random.default_rng(seed)
+        self.masks = None if masks is None else torch.as_tensor(masks, dtype=torch.bool)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -51,7 +55,8 @@ class LesionDataset(Dataset):
             drop = [f for f in FIELDS if self.rng.random() < self.blank_prob]
             if drop:
                 meta = blank_fields(meta, drop)
-        return self.transform(image), torch.from_numpy(meta), int(self.labels[i])
+        item = (self.transform(image), torch.from_numpy(meta), int(self.labels[i]))
+        return item if self.masks is None else (*item, self.masks[i])
 
 
 def class_counts(labels: Sequence[int], n_classes: int = len(CLASSES)) -> np.ndarray:

@@ -18,6 +18,9 @@ from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 from common.errors import DataError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: The committed HAM10000 split every shipped model was trained on (hash stored in checkpoints).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPLITS = REPO_ROOT / "splits" / "ham10000_seed42.csv"
 SPLIT_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "split")
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
+
+from data_pipeline.dataset import LesionDataset
+from data_pipeline.transforms import ImageTransform, Preprocessing
 
 #: Test-time augmentation views: identity, h-flip, v-flip, 180° rotation (all label-preserving).
 TTA_VIEWS = (
@@ -21,16 +25,17 @@ def tta_logits(model: torch.nn.Module, images: torch.Tensor, meta: torch.Tensor)
 
 
 @torch.no_grad()
-def collect_logits(
+def collect_outputs(
     model: torch.nn.Module,
     loader: DataLoader,
     device: torch.device | str = "cpu",
     tta: bool = False,
     progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Raw (uncalibrated) logits and labels for every batch of ``loader``."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw (uncalibrated) logits, labels and pooled image features (of the un-augmented view,
+    what the OOD check reads) for every batch of ``loader``."""
     model.eval()
-    logits, labels = [], []
+    logits, labels, feats = [], [], []
     iterator = loader
     if progress:
         from tqdm import tqdm
@@ -39,13 +44,40 @@ def collect_logits(
     for images, meta, y in iterator:
         images, meta = images.to(device), meta.to(device)
         with torch.autocast(device_type=torch.device(device).type, enabled=_amp(device)):
-            out = tta_logits(model, images, meta) if tta else model(images, meta)
+            f = model.image_features(images)
+            out = tta_logits(model, images, meta) if tta else model.head(f, meta)
         logits.append(out.float().cpu().numpy())
+        feats.append(f.float().cpu().numpy())
         labels.append(np.asarray(y))
     if not logits:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(logits), np.concatenate(labels)
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return np.concatenate(logits), np.concatenate(labels), np.concatenate(feats)
+
+
+def collect_logits(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device | str = "cpu",
+    tta: bool = False,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw (uncalibrated) logits and labels for every batch of ``loader``."""
+    logits, labels, _ = collect_outputs(model, loader, device, tta, progress)
+    return logits, labels
 
 
 def _amp(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
+
+
+def eval_loader(
+    df: pd.DataFrame, pre: Preprocessing, batch_size: int = 64, workers: int = 0
+) -> DataLoader:
+    """The one evaluation DataLoader: rows in order, the checkpoint's inference preprocessing."""
+    return DataLoader(
+        LesionDataset(df, ImageTransform(pre, train=False)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )

@@ -10,17 +10,16 @@ is rounded *before* it is measured, so the stored metrics describe exactly the s
 
 from __future__ import annotations
 
-import shlex
-import sys
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-from data_pipeline.dataset import LesionDataset
 from common.errors import DataError
 from data_pipeline.ham10000 import load_metadata
-from data_pipeline.transforms import ImageTransform
+from data_pipeline.sources import source_name
+from data_pipeline.transforms import Preprocessing
 from model.checkpoint import (
     CheckpointConfig,
     CheckpointError,
@@ -29,9 +28,10 @@ from model.checkpoint import (
     round_weights,
     save_checkpoint,
 )
+from model.engine import eval_loader
 from model.evaluate import select_rows
 from model.network import FusionEnsemble, FusionNet
-from model.train import calibrate_and_score
+from model.scoring import EvalSets, calibrate_and_score
 
 
 def _check_compatible(configs: list[CheckpointConfig], folders: list[Path]) -> None:
@@ -40,6 +40,7 @@ def _check_compatible(configs: list[CheckpointConfig], folders: list[Path]) -> N
         for what, a, b in (
             ("architecture", first.model, cfg.model),
             ("preprocessing", first.preprocessing, cfg.preprocessing),
+            ("training sources", _data(first), _data(cfg)),
             ("metadata vocabulary", first.vocabulary, cfg.vocabulary),
             ("split file", first.training.get("split_sha256"), cfg.training.get("split_sha256")),
         ):
@@ -50,6 +51,49 @@ def _check_compatible(configs: list[CheckpointConfig], folders: list[Path]) -> N
                 )
 
 
+def ensemble_config(
+    model: FusionEnsemble,
+    configs: list[CheckpointConfig],
+    name: str,
+    dtype: torch.dtype | None,
+    command: str,
+    pre: Preprocessing,
+) -> CheckpointConfig:
+    """The new checkpoint's description: the members' recipe and data, and how it was combined."""
+    first = configs[0]
+    members = [
+        {
+            "version": cfg.version,
+            "command": cfg.training.get("command"),
+            "best_epoch": cfg.training.get("best_epoch"),
+            "seed": cfg.training.get("config", {}).get("seed"),
+            "selection_score": cfg.metrics.get("selection_score"),
+            "val": {
+                k: cfg.metrics.get("val", {}).get(k) for k in ("balanced_accuracy", "macro_auc")
+            },
+        }
+        for cfg in configs
+    ]
+    inherited = ("split_file", "split_sha256", "sources", "train_class_counts", "selection_rule")
+    return CheckpointConfig(
+        name=name or f"{first.name}-ensemble{len(configs)}",
+        model=model.cfg,
+        preprocessing=pre,
+        vocabulary=first.vocabulary,
+        training={
+            "command": command,
+            "members": members,
+            "weights_dtype": str(dtype or torch.float32).removeprefix("torch."),
+            **{k: first.training[k] for k in inherited if k in first.training},
+        },
+    )
+
+
+def _data(cfg: CheckpointConfig) -> list[tuple[str, str, str]]:
+    """(name, role, CSV hash) of every source a checkpoint learnt from or was selected on."""
+    return [(s["name"], s["role"], s["csv_sha256"]) for s in cfg.training.get("sources", [])]
+
+
 def build_ensemble(
     members: list[Path | str],
     data_dir: Path | str,
@@ -57,8 +101,14 @@ def build_ensemble(
     name: str = "",
     dtype: torch.dtype | None = torch.float16,
     device: str = "cpu",
+    external_val: Sequence[Path | str] = (),
+    geometry: str | None = None,
+    command: str = "",
 ) -> tuple[Path, CheckpointConfig]:
-    """Combine ``members`` (checkpoint folders) into a calibrated ensemble checkpoint at ``out``."""
+    """Combine ``members`` (checkpoint folders) into a calibrated ensemble checkpoint at ``out``.
+
+    ``external_val`` are the validation sets the members were selected on (scored and used for
+    the temperature like in training); ``geometry`` sets the inference framing policy."""
     if len(members) < 2:
         raise CheckpointError("An ensemble needs at least two member checkpoints.")
     folders = [resolve_dir(m) for m in members]
@@ -71,47 +121,21 @@ def build_ensemble(
     model = FusionEnsemble.from_members(nets).to(device)
     if dtype is not None:
         round_weights(model, dtype)
-
     first = configs[0]
+    pre = (
+        first.preprocessing if geometry is None else replace(first.preprocessing, geometry=geometry)
+    )
     df = load_metadata(data_dir)
-    tf = ImageTransform(first.preprocessing, train=False)
-    loaders = {}
+    held = {}
     for split in ("val", "test"):
         rows, info = select_rows(df, first, split, None)
         if "warning" in info:  # val must be the members' val, or calibration and selection leak
             raise DataError(f"{info['split_file']}: {info['warning']}.")
-        loaders[split] = DataLoader(LesionDataset(rows, tf), batch_size=64)
-    ck = CheckpointConfig(
-        name=name or f"{first.name}-ensemble{len(nets)}",
-        model=model.cfg,
-        preprocessing=first.preprocessing,
-        vocabulary=first.vocabulary,
-        training={
-            "command": " ".join(
-                shlex.quote(a) for a in ["python", "-m", "scripts.ensemble", *sys.argv[1:]]
-            ),
-            "members": [
-                {
-                    "version": cfg.version,
-                    "command": cfg.training.get("command"),
-                    "best_epoch": cfg.training.get("best_epoch"),
-                    "seed": cfg.training.get("config", {}).get("seed"),
-                    "val": {
-                        k: cfg.metrics.get("val", {}).get(k)
-                        for k in ("balanced_accuracy", "macro_auc")
-                    },
-                }
-                for cfg in configs
-            ],
-            "weights_dtype": str(dtype or torch.float32).removeprefix("torch."),
-            **{
-                k: first.training[k]
-                for k in ("split_file", "split_sha256", "train_class_counts")
-                if k in first.training
-            },
-        },
-    )
-    detector = calibrate_and_score(model, ck, loaders, device)
+        held[split] = eval_loader(rows, pre)
+    external = {source_name(f): eval_loader(load_metadata(f), pre) for f in external_val}
+    sets = EvalSets(val=held["val"], test=held["test"], external=external)
+    ck = ensemble_config(model, configs, name, dtype, command, pre)
+    detector = calibrate_and_score(model, ck, sets, device)
     out = Path(out)
     save_checkpoint(model, ck, out, dtype=dtype)
     detector.save(out)

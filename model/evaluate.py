@@ -1,30 +1,35 @@
-"""Evaluate a checkpoint on a HAM10000-format folder: metrics.json + confusion / ROC / reliability PNGs.
+"""Evaluate a checkpoint on HAM10000-format folders: metrics.json, predictions.csv and confusion /
+ROC / reliability PNGs.
 
-``split="test"`` scores the stored test split (the split file named in the checkpoint, verified by
-its SHA-256); ``split="all"`` scores every row — for external sets, which may lack some classes.
+``split="test"`` scores the stored test split of ``data_dir`` (the split file named in the
+checkpoint, verified by its SHA-256); ``split="all"`` scores every row. ``external`` folders are
+scored whole, each as its own source. With ``by_source`` every source (a folder, or the values of a
+``source`` column in its CSV) gets its own metrics — a model that is good on HAM10000 and poor
+elsewhere shows it here — including the share of images the unreliable-prediction warning flags.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader
+import torch
 
-from data_pipeline.dataset import LesionDataset
 from common.errors import DataError
+from common.plotting import pyplot
 from data_pipeline.ham10000 import load_metadata
 from data_pipeline.schema import CLASSES
-from data_pipeline.splits import SPLITS, attach_splits, file_sha256, load_splits
-from data_pipeline.transforms import ImageTransform
+from data_pipeline.sources import source_name
+from data_pipeline.splits import REPO_ROOT, SPLITS, attach_splits, file_sha256, load_splits
 from model.calibration import softmax
 from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
-from model.engine import collect_logits
+from model.engine import collect_outputs, eval_loader
 from model.metrics import compute_metrics, reliability_bins
-
-REPO = Path(__file__).resolve().parent.parent
+from model.ood import OOD_FILE, FeatureDistance, flag_rates
 
 
 def split_file_for(cfg: CheckpointConfig, override: Path | None = None) -> Path:
@@ -34,7 +39,11 @@ def split_file_for(cfg: CheckpointConfig, override: Path | None = None) -> Path:
     stored = cfg.training.get("split_file")
     if not stored:
         raise DataError("The checkpoint records no split file; pass --splits or use --split all.")
-    for candidate in (Path(stored), REPO / "splits" / Path(stored).name):
+    for candidate in (
+        Path(stored),
+        REPO_ROOT / Path(stored),
+        REPO_ROOT / "splits" / Path(stored).name,
+    ):
         if candidate.is_file():
             return candidate
     raise DataError(f"Split file {stored} recorded in the checkpoint was not found; pass --splits.")
@@ -57,6 +66,31 @@ def select_rows(
     return df[df["split"] == split], info
 
 
+def _rows(
+    data_dir: Path | str,
+    cfg: CheckpointConfig,
+    split: str,
+    splits_path: Path | None,
+    external: Sequence[Path | str],
+) -> tuple[pd.DataFrame, dict]:
+    """Every row to score, with a ``source`` column (a CSV's own ``source`` column wins)."""
+    df, info = select_rows(load_metadata(data_dir), cfg, split, splits_path)
+    frames = [df.assign(source=df["source"] if "source" in df else source_name(data_dir))]
+    for folder in external:
+        ext = load_metadata(folder)
+        frames.append(ext.assign(source=ext["source"] if "source" in ext else source_name(folder)))
+    rows = pd.concat(frames, ignore_index=True)
+    if rows.empty:
+        raise DataError(f"No rows in split {split!r} of {data_dir}.")
+    return rows, info
+
+
+def _score(labels: np.ndarray, probs: np.ndarray, distance: np.ndarray | None, thr: float) -> dict:
+    m = compute_metrics(labels, probs, CLASSES)
+    m["flagged"] = flag_rates(probs.max(axis=1), distance, thr)
+    return m
+
+
 def evaluate(
     data_dir: Path | str,
     checkpoint: Path | str | None = None,
@@ -67,59 +101,79 @@ def evaluate(
     batch_size: int = 64,
     device: str = "cpu",
     progress: bool = False,
+    external: Sequence[Path | str] = (),
+    by_source: bool = False,
+    geometry: str | None = None,
 ) -> dict:
-    """Score ``checkpoint`` (None → shipped model); writes files to ``out`` when given."""
+    """Score ``checkpoint`` (None → shipped model); writes files to ``out`` when given.
+
+    ``geometry`` overrides the checkpoint's framing policy (to measure squash / pad / crop)."""
     folder = resolve_dir(checkpoint)
     model, cfg = load_checkpoint(folder, device=device)
-    df, info = select_rows(load_metadata(data_dir), cfg, split, splits_path)
-    if df.empty:
-        raise DataError(f"No rows in split {split!r} of {data_dir}.")
-    loader = DataLoader(
-        LesionDataset(df, ImageTransform(cfg.preprocessing, train=False)),
-        batch_size=batch_size,
-        shuffle=False,
-    )
-    logits, labels = collect_logits(model, loader, device, tta=tta, progress=progress)
+    pre = cfg.preprocessing if geometry is None else replace(cfg.preprocessing, geometry=geometry)
+    df, info = _rows(data_dir, cfg, split, splits_path, external)
+    loader = eval_loader(df, pre, batch_size=batch_size)
+    logits, labels, feats = collect_outputs(model, loader, device, tta=tta, progress=progress)
     probs = softmax(logits, cfg.temperature)
-    metrics = compute_metrics(labels, probs, CLASSES)
+    distance, threshold = None, float("inf")
+    if cfg.ood and (folder / OOD_FILE).is_file():
+        detector = FeatureDistance.load(folder, cfg.ood["threshold"], cfg.ood.get("k", 5))
+        distance, threshold = detector.distance(torch.from_numpy(feats)).numpy(), detector.threshold
+    metrics = _score(labels, probs, distance, threshold)
+    if by_source:
+        src = df["source"].to_numpy()
+        metrics["by_source"] = {
+            name: _score(
+                labels[src == name],
+                probs[src == name],
+                None if distance is None else distance[src == name],
+                threshold,
+            )
+            for name in dict.fromkeys(src)
+        }
     metrics.update(
         {
             "checkpoint": str(folder),
             "model_version": cfg.version,
             "data_dir": str(data_dir),
+            "external": [str(e) for e in external],
             "tta": tta,
             "temperature": cfg.temperature,
+            "preprocessing": pre.to_dict(),
             **info,
         }
     )
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        pd.DataFrame(
-            {
-                "image_id": df["image_id"].to_numpy(),
-                "dx": df["dx"].to_numpy(),
-                **{f"p_{c}": probs[:, i] for i, c in enumerate(CLASSES)},
-            }
-        ).to_csv(out / "predictions.csv", index=False)
-        plot_confusion(metrics, out / "confusion_matrix.png")
-        plot_roc(labels, probs, out / "roc.png")
-        plot_reliability(labels, probs, out / "reliability.png")
+        _write(Path(out), metrics, df, labels, probs, distance)
     return metrics
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _write(
+    out: Path,
+    metrics: dict,
+    df: pd.DataFrame,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    distance: np.ndarray | None,
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    pd.DataFrame(
+        {
+            "source": df["source"].to_numpy(),
+            "image_id": df["image_id"].to_numpy(),
+            "dx": df["dx"].to_numpy(),
+            **{f"p_{c}": probs[:, i] for i, c in enumerate(CLASSES)},
+            "ood_distance": distance if distance is not None else np.nan,
+        }
+    ).to_csv(out / "predictions.csv", index=False)
+    plot_confusion(metrics, out / "confusion_matrix.png")
+    plot_roc(labels, probs, out / "roc.png")
+    plot_reliability(labels, probs, out / "reliability.png")
 
 
 def plot_confusion(metrics: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     cm = np.asarray(metrics["confusion_matrix"], dtype=float)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -149,7 +203,7 @@ def plot_confusion(metrics: dict, path: Path) -> None:
 def plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path) -> None:
     from sklearn.metrics import auc, roc_curve
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for i, c in enumerate(CLASSES):
         pos = labels == i
@@ -167,7 +221,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path) -> None:
 
 
 def plot_reliability(labels: np.ndarray, probs: np.ndarray, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     bins = reliability_bins(probs, labels)
     width = 1.0 / len(bins["bin_lower"])
     acc = [a if a is not None else 0 for a in bins["accuracy"]]

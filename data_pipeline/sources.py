@@ -1,0 +1,152 @@
+"""Several HAM10000-format folders as one table, each row keeping the source it came from.
+
+Roles:
+
+* the **primary** folder (HAM10000) keeps its committed lesion-grouped split: train / val / test;
+* an **extra training** source goes wholly to training (split ``train``);
+* an **external validation** set never trains (split ``external``): it is scored every epoch and
+  used, with HAM10000's val, to select the model.
+
+An image id found both in an external set and anywhere in training, or in an extra source and in
+the primary's val / test, is refused: either would leak held-out images into training. Every source
+is recorded (role, CSV hash, class counts, citation) so the checkpoint says what it learnt from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from common.errors import DataError
+from data_pipeline.ham10000 import find_metadata_csv, load_metadata
+from data_pipeline.schema import CLASSES
+from data_pipeline.splits import file_sha256, load_or_make_splits
+
+ROLES: tuple[str, ...] = ("primary", "train", "external_val")
+#: Folder names too generic to name a source on their own (``isic2017/train`` → ``isic2017-train``).
+_GENERIC = {"train", "val", "valid", "validation", "test", "images", "data"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One data folder and what it is used for; serialised into the checkpoint config."""
+
+    name: str
+    role: str
+    path: str
+    csv_sha256: str
+    n_images: int
+    class_counts: dict[str, int] = field(default_factory=dict)
+    citation: str = ""
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The classes this source can contain (those with at least one image)."""
+        return tuple(c for c in CLASSES if self.class_counts.get(c, 0) > 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def source_name(path: Path | str) -> str:
+    """A short, stable name for a data folder: its name, prefixed by its parent's if generic."""
+    p = Path(path).resolve()
+    return f"{p.parent.name}-{p.name}" if p.name.lower() in _GENERIC else p.name
+
+
+def read_citation(folder: Path | str) -> str:
+    """The ``Source:`` paragraph of the folder's README, if it has one (cited in model cards)."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return ""
+    lines = readme.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Source:"):
+            para = [line.removeprefix("Source:").strip()]
+            for nxt in lines[i + 1 :]:
+                if not nxt.strip():
+                    break
+                para.append(nxt.strip())
+            return " ".join(para)
+    return ""
+
+
+def _describe(df: pd.DataFrame, folder: Path, role: str, name: str) -> Source:
+    counts = df["dx"].value_counts()
+    return Source(
+        name=name,
+        role=role,
+        path=str(folder),
+        csv_sha256=file_sha256(find_metadata_csv(folder)),
+        n_images=len(df),
+        class_counts={c: int(counts.get(c, 0)) for c in CLASSES},
+        citation=read_citation(folder),
+    )
+
+
+def _check_no_leak(df: pd.DataFrame) -> None:
+    """Refuse image ids that would put a held-out image into training."""
+    train_ids = set(df.loc[df["split"] == "train", "image_id"])
+    held = df[df["split"] != "train"]
+    leaked = held[held["image_id"].isin(train_ids)]
+    if not leaked.empty:
+        row = leaked.iloc[0]
+        raise DataError(
+            f"image {row['image_id']!r} of {row['source']!r} ({row['split']}) is also a training "
+            f"image; {len(leaked)} held-out image(s) would leak into training."
+        )
+    dup = held["image_id"].duplicated(keep=False)
+    if dup.any():
+        ids = held.loc[dup, "image_id"]
+        raise DataError(f"image {ids.iloc[0]!r} appears in two held-out sets.")
+
+
+def load_sources(
+    data_dir: Path | str,
+    splits_path: Path | str,
+    extra_train: Sequence[Path | str] = (),
+    external_val: Sequence[Path | str] = (),
+    seed: int = 42,
+) -> tuple[pd.DataFrame, list[Source], str]:
+    """All sources in one table with ``source`` and ``split`` columns.
+
+    Returns ``(table, sources, split_sha256)``; ``split`` is train / val / test for the primary,
+    train for extra sources and ``external`` for external validation sets.
+    """
+    primary = Path(data_dir)
+    df, split_hash = load_or_make_splits(load_metadata(primary), splits_path, seed=seed)
+    frames = [df.assign(source=source_name(primary))]
+    sources = [_describe(df, primary, "primary", source_name(primary))]
+    for role, folders, split in (
+        ("train", extra_train, "train"),
+        ("external_val", external_val, "external"),
+    ):
+        for folder in map(Path, folders):
+            name = source_name(folder)
+            if any(s.name == name for s in sources):
+                raise DataError(f"Two data folders are both named {name!r}: {folder}.")
+            extra = load_metadata(folder).assign(split=split, source=name)
+            frames.append(extra)
+            sources.append(_describe(extra, folder, role, name))
+    table = pd.concat(frames, ignore_index=True)
+    _check_no_leak(table)
+    return table, sources, split_hash
+
+
+def class_masks(table: pd.DataFrame, sources: Sequence[Source]) -> np.ndarray:
+    """Per row, which classes its source can contain, shape (N, n_classes), bool.
+
+    A source that never shows akiec / bcc / df / vasc (ISIC 2017) must not teach the model that
+    those classes are rare: the training loss renormalises each row over its source's classes.
+    """
+    allowed = {s.name: np.array([c in s.classes for c in CLASSES]) for s in sources}
+    return (
+        np.stack([allowed[name] for name in table["source"]])
+        if len(table)
+        else np.zeros((0, len(CLASSES)), dtype=bool)
+    )

@@ -1,0 +1,101 @@
+"""Scoring a trained network: per-source validation, the model-selection rule, and the final
+calibrate-and-score step shared by training and ensembling.
+
+**Selection rule** (fixed before any test-split number was looked at): every validation set —
+HAM10000's lesion-grouped val split and each external validation set — gets the score
+``(balanced accuracy + melanoma-vs-rest AUC) / 2`` (macro AUC where a set has no melanoma), and
+the selection score is the **mean over the validation sets**. Epochs and candidate models are
+chosen by it; the test split is never used to choose anything. Balanced accuracy keeps all seven
+classes honest on HAM10000; the external term rewards a model that still finds melanoma on
+dermoscopy from other clinics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from data_pipeline.schema import CLASSES
+from model.calibration import fit_temperature, softmax
+from model.checkpoint import CheckpointConfig
+from model.engine import collect_logits
+from model.metrics import compute_metrics, headline
+from model.network import Network
+from model.ood import FeatureDistance, fit_ood
+
+SELECTION_RULE = (
+    "mean over validation sets (HAM10000 val + each external val) of "
+    "(balanced accuracy + melanoma AUC) / 2"
+)
+
+
+@dataclass
+class EvalSets:
+    """Loaders of the held-out sets: HAM10000 val / test and external validation sets by name."""
+
+    val: DataLoader
+    test: DataLoader | None = None
+    external: Mapping[str, DataLoader] | None = None
+
+    def validation(self) -> dict[str, DataLoader]:
+        """Every set the selection rule averages over, primary val first."""
+        return {"val": self.val, **dict(self.external or {})}
+
+
+def set_score(metrics: dict) -> float:
+    """One validation set's contribution to the selection score."""
+    auc = (metrics.get("melanoma") or {}).get("auc")
+    if auc is None:
+        auc = metrics["macro_auc"] or 0.0
+    return 0.5 * (metrics["balanced_accuracy"] + auc)
+
+
+def selection_score(per_set: Mapping[str, dict]) -> float:
+    """The model-selection score: the mean of :func:`set_score` over validation sets."""
+    return float(np.mean([set_score(m) for m in per_set.values()]))
+
+
+def validate(
+    model: Network, sets: EvalSets, device: torch.device | str, temperature: float = 1.0
+) -> dict[str, dict]:
+    """Metrics of every validation set, keyed ``val`` and by external source name."""
+    out = {}
+    for name, loader in sets.validation().items():
+        logits, labels = collect_logits(model, loader, device)
+        out[name] = compute_metrics(labels, softmax(logits, temperature), CLASSES)
+    return out
+
+
+def calibrate_and_score(
+    model: Network, ck: CheckpointConfig, sets: EvalSets, device: torch.device | str
+) -> FeatureDistance:
+    """Fit the OOD check (on HAM10000 val) and the temperature (on all validation sets pooled),
+    then score val, test and every external set into ``ck.metrics`` (in place).
+
+    Shared by training and ensembling, so both ship identically described checkpoints."""
+    detector, ck.ood = fit_ood(model, sets.val, device)
+    collected = {name: collect_logits(model, ld, device) for name, ld in sets.validation().items()}
+    ck.temperature = fit_temperature(
+        np.concatenate([z for z, _ in collected.values()]),
+        np.concatenate([y for _, y in collected.values()]),
+    )
+    scored = {
+        name: compute_metrics(y, softmax(z, ck.temperature), CLASSES)
+        for name, (z, y) in collected.items()
+    }
+    ck.metrics = {"val": scored.pop("val"), "external": scored}
+    ck.metrics["selection_score"] = selection_score({"val": ck.metrics["val"], **scored})
+    if sets.test is not None:
+        z, y = collect_logits(model, sets.test, device)
+        ck.metrics["test"] = compute_metrics(y, softmax(z, ck.temperature), CLASSES)
+    print(f"temperature {ck.temperature:.3f}", flush=True)
+    for name in ("val", "test"):
+        if name in ck.metrics:
+            print(f"{name:5s} {headline(ck.metrics[name])}", flush=True)
+    for name, m in scored.items():
+        print(f"{name}: {headline(m)}", flush=True)
+    return detector
