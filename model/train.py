@@ -208,12 +208,15 @@ def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
     return TrainData(train, sets, class_counts(train_ds.labels), sources, split_hash)
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> FusionNet:
-    """A fresh network (ImageNet backbone), or one warm-started from a trained checkpoint."""
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[FusionNet, str]:
+    """A fresh network (ImageNet backbone), or one warm-started from a trained checkpoint;
+    returns it with the version it started from ("" for ImageNet), recorded in the config."""
     mcfg = ModelConfig(backbone=cfg.backbone, use_metadata=cfg.use_metadata)
     model = FusionNet(mcfg, pretrained=cfg.pretrained and not cfg.init_from)
+    init_version = ""
     if cfg.init_from:
-        source, _ = load_checkpoint(cfg.init_from)
+        source, source_cfg = load_checkpoint(cfg.init_from)
+        init_version = source_cfg.version
         if isinstance(source, FusionEnsemble):
             if not 0 <= cfg.init_member < len(source.members):
                 raise DermError(
@@ -227,7 +230,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> FusionNet:
                 f"{source.cfg.use_metadata}); it cannot initialise a {mcfg.backbone} one."
             )
         model.load_state_dict(source.state_dict())
-    return model.to(device)
+    return model.to(device), init_version
 
 
 class Trainer:
@@ -235,7 +238,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: TrainData, device: torch.device) -> None:
         self.cfg, self.data, self.device = cfg, data, device
-        self.model = build_model(cfg, device)
+        self.model, self.init_version = build_model(cfg, device)
         self.opt = torch.optim.AdamW(
             self.model.param_groups(cfg.lr, cfg.backbone_lr_mult), weight_decay=cfg.weight_decay
         )
@@ -353,7 +356,9 @@ class Trainer:
         )
 
 
-def base_config(cfg: TrainConfig, data: TrainData, device: torch.device) -> dict[str, Any]:
+def base_config(
+    cfg: TrainConfig, data: TrainData, device: torch.device, init_version: str = ""
+) -> dict[str, Any]:
     """What the checkpoint says about how it was made (command, data, recipe)."""
     return dict(
         name=cfg.name or Path(cfg.out).name,
@@ -367,6 +372,7 @@ def base_config(cfg: TrainConfig, data: TrainData, device: torch.device) -> dict
             "sources": [s.to_dict() for s in data.sources],
             "train_class_counts": dict(zip(CLASSES, data.counts.tolist(), strict=True)),
             "selection_rule": SELECTION_RULE,
+            "init_from_version": init_version,
             "device": str(device),
         },
     )
@@ -384,7 +390,7 @@ def train(cfg: TrainConfig) -> Path:
     trainer = Trainer(cfg, data, device)
     state_path = out / "state.pt"
     progress = trainer.restore(state_path) if cfg.resume and state_path.is_file() else Progress()
-    base = base_config(cfg, data, device)
+    base = base_config(cfg, data, device, trainer.init_version)
     for epoch in range(progress.start_epoch, cfg.epochs + 1):
         if progress.best_epoch and epoch - progress.best_epoch > cfg.patience:
             print(f"early stop: no val improvement for {cfg.patience} epochs", flush=True)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from data_pipeline.schema import CLASSES, vocabulary
-from data_pipeline.splits import file_sha256
+from data_pipeline.splits import DEFAULT_SPLITS, file_sha256
 from model.checkpoint import SHIPPED_DIR, load_config
 from model.predictor import Predictor
-from data_pipeline.splits import DEFAULT_SPLITS
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(
@@ -67,3 +68,22 @@ def test_stored_test_metrics_reproduce(real_data):
     for key in ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece"):
         assert m[key] == pytest.approx(stored[key], abs=1e-4), key
     assert m["classes"] == list(CLASSES)
+
+
+@pytest.mark.realdata
+def test_stored_external_metrics_reproduce(real_data):
+    """The external validation sets recorded in the config score as stored (ISIC 2017 val)."""
+    from model.evaluate import evaluate
+
+    cfg = load_config(None)
+    external = {
+        s["name"]: s for s in cfg.training.get("sources", []) if s["role"] == "external_val"
+    }
+    folder = Path(real_data).parent / "isic2017" / "val"
+    if "isic2017-val" not in external or not folder.is_dir():
+        pytest.skip(f"no ISIC 2017 val copy at {folder} (or the model was not validated on it)")
+    m = evaluate(folder, None, None, split="all")
+    stored = cfg.metrics["external"]["isic2017-val"]
+    for key in ("n", "balanced_accuracy", "macro_auc", "ece"):
+        assert m[key] == pytest.approx(stored[key], abs=1e-4), key
+    assert m["melanoma"]["auc"] == pytest.approx(stored["melanoma"]["auc"], abs=1e-4)
