@@ -70,10 +70,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     sampler_power: float = 0.5
-    loss: str = "logit_adjusted"
+    loss: str = "weighted_ce"
     loss_power: float = 0.5
     la_tau: float = 1.0
-    source_mask: bool = True
+    source_mask: bool = False
     label_smoothing: float = 0.05
     meta_blank_prob: float = 0.15
     patience: int = 4
