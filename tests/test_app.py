@@ -25,8 +25,10 @@ from app import frontend, views
 from app.__main__ import build_parser, launch, main, parse_auth
 from app.frontend import EXAMPLES_DIR, make_frontend
 from common.errors import DermError
+from common.text import DISCLAIMER
 from data_pipeline.schema import CLASS_NAMES, CLASSES
-from db.service import PredictionService
+from service import history
+from service.prediction import PredictionService
 
 EXAMPLE = EXAMPLES_DIR / "ISIC_0029281.jpg"
 
@@ -79,10 +81,10 @@ def test_predict_with_metadata_returns_probabilities_and_stores_one_row(app):
     label, alerts, overlay, chart, info, result = predict(app.client, EXAMPLE, 35, "female", "back")
 
     confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
-    assert set(confidences) == {views.class_label(c) for c in CLASSES}
-    assert all(CLASS_NAMES[c] in views.class_label(c) for c in CLASSES)
+    assert set(confidences) == {history.class_label(c) for c in CLASSES}
+    assert all(CLASS_NAMES[c] in history.class_label(c) for c in CLASSES)
     assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-4)
-    assert label["label"] == views.class_label(result["top_class"])
+    assert label["label"] == history.class_label(result["top_class"])
 
     assert app.service.count() == before + 1
     row_id = result["prediction_id"]
@@ -95,7 +97,7 @@ def test_predict_with_metadata_returns_probabilities_and_stores_one_row(app):
     shown = np.asarray(Image.open(overlay))
     assert shown.ndim == 3 and shown.shape[2] == 3 and min(shown.shape[:2]) >= 32
     assert Image.open(chart).size[0] > 100
-    assert views.DISCLAIMER in alerts
+    assert DISCLAIMER in alerts
 
 
 def test_predict_without_metadata(app):
@@ -247,7 +249,7 @@ def test_history_filter_table_csv_and_detail(app):
     )
     ids = [r[0] for r in table["data"]]
     assert row_id in ids and ids == sorted(ids, reverse=True)
-    assert table["headers"] == views.HISTORY_COLUMNS
+    assert table["headers"] == history.TABLE_COLUMNS
     n = app.service.count({"classes": [top], "sex": "male", "site": "scalp"})
     assert f"**{n}** matching" in summary
 
@@ -261,14 +263,14 @@ def test_history_filter_table_csv_and_detail(app):
     shown_id, image, detail, probs = app.client.predict(row_id, api_name="/history_item")
     assert shown_id == str(row_id) and f"Prediction #{row_id}" in detail
     assert "age 77" in detail and "body site scalp" in detail
-    assert probs["label"] == views.class_label(top)
+    assert probs["label"] == history.class_label(top)
     assert np.asarray(Image.open(image)).shape[2] == 3
 
     # A day range that excludes today finds nothing (and still gives a CSV with a header).
     table, summary, csv_path = app.client.predict(
         "2000-01-01", "2000-12-31", [], 0, "any", "any", api_name="/history"
     )
-    assert table["data"] in ([], [[""] * len(views.HISTORY_COLUMNS)]) or not any(
+    assert table["data"] in ([], [[""] * len(history.TABLE_COLUMNS)]) or not any(
         r[0] for r in table["data"]
     )
     assert "No stored predictions match" in summary
@@ -323,7 +325,7 @@ def test_history_item_bad_id(app, value, message):
 def test_model_card_without_metrics_renders(app):
     card = views.model_card_markdown(app.service.predictor.config)
     assert "No evaluation metrics are stored" in card
-    assert views.DISCLAIMER in card and "HAM10000" in card and "Lesion-grouped" in card
+    assert DISCLAIMER in card and "HAM10000" in card and "Lesion-grouped" in card
     assert "200×150" in card and "fair-skinned" in card and "Only 7 classes" in card
 
 
@@ -448,7 +450,7 @@ def test_port_in_use_is_a_clear_error(app):
 
 
 def test_csv_writer_handles_no_rows(tmp_path):
-    out = views.write_history_csv([], tmp_path / "h.csv")
+    out = history.write_csv([], tmp_path / "h.csv")
     header = next(csv.reader(io.StringIO(out.read_text())))
     assert header[:3] == ["id", "created_at", "predicted_class"]
     assert [f"p_{c}" for c in CLASSES] == [h for h in header if h.startswith("p_")]

@@ -22,7 +22,7 @@ import pytest
 from app.__main__ import launch
 from app.frontend import EXAMPLES_DIR, make_frontend
 from data_pipeline.schema import CLASS_NAMES, CLASSES
-from db.service import PredictionService
+from service.prediction import PredictionService
 from model.checkpoint import CONFIG_FILE, SHIPPED_DIR
 
 pytestmark = pytest.mark.browser

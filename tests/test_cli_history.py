@@ -19,9 +19,9 @@ from data_pipeline.schema import CLASS_NAMES, CLASSES
 from db.session import DB_URL_ENV
 from scripts import predict, query_history
 from common.cli import run_cli
+from common.text import DISCLAIMER
 
 REPO = Path(__file__).resolve().parent.parent
-DISCLAIMER = "Research/education only — not a diagnosis."
 
 
 @pytest.fixture()

@@ -23,6 +23,7 @@ from db.queries import (
     parse_date,
     query_predictions,
 )
+from service.history import record_dict
 from db.session import DB_URL_ENV, DEFAULT_DB_URL, Database, resolve_db_url, sqlite_path
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -135,11 +136,11 @@ def test_created_at_is_utc_aware_and_converted(database: Database):
         assert row.created_at.tzinfo is not None and row.created_at.utcoffset() == timedelta(0)
         raw = s.execute(text("SELECT created_at FROM predictions")).scalar()
     assert str(raw).startswith("2026-03-10 12:00:00")
-    d = row.to_dict(include_heatmap=True)
+    d = record_dict(row, include_heatmap=True)
     assert d["created_at"] == "2026-03-10T12:00:00+00:00"
     assert base64.b64decode(d["heatmap_png_base64"]) == row.heatmap_png
     assert Image.open(io.BytesIO(base64.b64decode(d["heatmap_png_base64"]))).size == (8, 6)
-    assert "heatmap_png_base64" not in row.to_dict()
+    assert "heatmap_png_base64" not in record_dict(row)
 
 
 def test_default_created_at_is_now(database: Database):
@@ -404,11 +405,11 @@ def test_listing_without_image_bytes(database: Database):
     (rid,) = insert(database, make_row(thumbnail=b"\xff\xd8jpeg"))
     with database.session() as s:
         (light,) = query_predictions(s, images=False)
-        d = light.to_dict(include_heatmap=True)
+        d = record_dict(light, include_heatmap=True)
         assert d["has_heatmap"] is None and d["heatmap_png_base64"] is None
         assert d["probabilities"] == {"nv": 0.6} and d["id"] == rid
         with pytest.raises(InvalidRequestError):
             _ = light.thumbnail  # never a silent extra query per row
     with database.session() as s:
         (full,) = query_predictions(s)
-        assert full.to_dict()["has_heatmap"] is True and full.thumbnail == b"\xff\xd8jpeg"
+        assert record_dict(full)["has_heatmap"] is True and full.thumbnail == b"\xff\xd8jpeg"
