@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import numpy as np
 
 from app import views
 from common.errors import DermError

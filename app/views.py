@@ -354,8 +354,8 @@ def _limitation_lines(config: CheckpointConfig) -> list[str]:
         "disease) will still be forced into one of these classes.",
         "- **Class imbalance:** rare classes have few training examples and the least reliable "
         "scores.",
-        "- **Metadata:** age, sex and site shift the probabilities in ways learnt from the training "
-        "population; they are not medical priors.",
+        "- **Metadata:** age, sex and site shift the probabilities in ways learnt from the "
+        "training population; they are not medical priors.",
         "- **Heatmaps** show where the network looked, not why a lesion is benign or malignant.",
     ]
     return lines

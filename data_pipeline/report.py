@@ -34,7 +34,7 @@ def class_split_table(df: pd.DataFrame) -> pd.DataFrame:
 def metadata_summary(df: pd.DataFrame) -> dict[str, Any]:
     ages = df["age"].dropna()
     return {
-        "images": int(len(df)),
+        "images": len(df),
         "lesions": int(df["lesion_id"].nunique()),
         "age_missing": int(df["age"].isna().sum()),
         "sex_unknown": int((df["sex"] == UNKNOWN).sum()),
@@ -56,7 +56,9 @@ def sample_grid(df: pd.DataFrame, path: Path, per_class: int = 6, seed: int = 0)
     )
     for r, dx in enumerate(CLASSES):
         paths = df.loc[df["dx"] == dx, "path"].tolist()
-        chosen = rng.choice(paths, size=min(per_class, len(paths)), replace=False) if paths else []
+        chosen: Any = (
+            rng.choice(paths, size=min(per_class, len(paths)), replace=False) if paths else []
+        )
         for c in range(per_class):
             ax = axes[r][c]
             ax.axis("off")

@@ -23,7 +23,7 @@ from db.models import PredictionRecord, as_utc
 MAX_LIMIT = 10_000
 
 
-def parse_date(value: str | date | datetime, what: str = "date") -> date | datetime:
+def parse_date(value: object, what: str = "date") -> date | datetime:
     """``YYYY-MM-DD`` → date; a full ISO datetime (``2026-01-01T12:00``) → datetime."""
     if isinstance(value, (date, datetime)):
         return value
@@ -85,7 +85,7 @@ class HistoryFilter:
         self.since = None if _blank(self.since) else parse_date(self.since, "since date")
         self.until = None if _blank(self.until) else parse_date(self.until, "until date")
         if self.since is not None and self.until is not None:
-            start, bound = _start(self.since), self._until_bound()
+            start, bound = self._since_start(), self._until_bound()
             if bound is not None and (
                 start > bound or (start == bound and not isinstance(self.until, datetime))
             ):
@@ -100,7 +100,8 @@ class HistoryFilter:
                 code = token.strip().lower()
                 if code not in CLASSES:
                     raise DermError(
-                        f"Unknown diagnosis class {echo(token)}: expected one of {', '.join(CLASSES)}."
+                        f"Unknown diagnosis class {echo(token)}: "
+                        f"expected one of {', '.join(CLASSES)}."
                     )
                 if code not in classes:
                     classes.append(code)
@@ -126,10 +127,14 @@ class HistoryFilter:
 
         self.model_version = None if _blank(self.model_version) else str(self.model_version).strip()
 
+    def _since_start(self) -> datetime:
+        assert isinstance(self.since, (date, datetime))  # parsed in __post_init__
+        return _start(self.since)
+
     def _until_bound(self) -> datetime | None:
         """Exclusive upper bound for a date, inclusive instant for a datetime (see conditions);
         None when the day is the last one a datetime can hold (9999-12-31: no upper bound)."""
-        assert self.until is not None
+        assert isinstance(self.until, (date, datetime))  # parsed in __post_init__
         if isinstance(self.until, datetime):
             return as_utc(self.until)
         try:
@@ -141,7 +146,7 @@ class HistoryFilter:
         P = PredictionRecord
         out: list[ColumnElement[bool]] = []
         if self.since is not None:
-            out.append(P.created_at >= _start(self.since))
+            out.append(P.created_at >= self._since_start())
         bound = self._until_bound() if self.until is not None else None
         if bound is not None:
             if isinstance(self.until, datetime):

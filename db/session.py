@@ -92,10 +92,9 @@ def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
     try:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_TIMEOUT_S * 1000}")
         cursor.execute("PRAGMA foreign_keys=ON")
-        try:
+        # A read-only file keeps its journal mode; reading it must still work.
+        with suppress(sqlite3.OperationalError):
             cursor.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.OperationalError:
-            pass  # a read-only file keeps its journal mode; reading it must still work
     finally:
         cursor.close()
 

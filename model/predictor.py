@@ -1,4 +1,4 @@
-"""The predictor: checkpoint + image + optional metadata → calibrated probabilities (+ explanations).
+"""The predictor: checkpoint + image + optional metadata → calibrated probabilities + explanations.
 
 Usable without any UI (FSDL style): the CLIs, the history service and the Gradio app all call
 :meth:`Predictor.predict` with a :class:`data_pipeline.request.PredictionRequest`, which was

@@ -34,7 +34,7 @@ from model.predictor import Predictor
 from service.prediction import PredictionService
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "app" / "examples"
-REQUEST_FIELDS = {"age": 55, "sex": "male", "site": "back"}
+REQUEST_FIELDS: dict[str, Any] = {"age": 55, "sex": "male", "site": "back"}
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -44,7 +44,7 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
         "p90_ms": float(np.percentile(a, 90)),
         "p99_ms": float(np.percentile(a, 99)),
         "mean_ms": float(a.mean()),
-        "n": int(len(a)),
+        "n": len(a),
     }
 
 
@@ -119,7 +119,8 @@ def report(result: dict[str, Any]) -> None:
     po, pe = result["predict_only"], result["predict_and_explain"]
     ps = result["service_with_storage"]
     print(
-        f"{result['model_version']}  input {result['input_size']}  threads {result['torch_threads']}"
+        f"{result['model_version']}  input {result['input_size']}  "
+        f"threads {result['torch_threads']}"
     )
     print(f"predict only        p50 {po['p50_ms']:.0f} ms  p90 {po['p90_ms']:.0f} ms")
     print(f"predict + explain   p50 {pe['p50_ms']:.0f} ms  p90 {pe['p90_ms']:.0f} ms")

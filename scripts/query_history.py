@@ -18,7 +18,7 @@ import json
 import sys
 
 from common.cli import run_cli
-from common.errors import DermError
+from common.errors import DatabaseError, DermError
 from common.text import DISCLAIMER
 from data_pipeline.schema import CLASSES
 from db.queries import (
@@ -83,6 +83,10 @@ def open_existing(url: str | None) -> Database:
     """Open the history database; a SQLite file must already exist (no silent empty DB)."""
     resolved = resolve_db_url(url)
     path = sqlite_path(resolved)
+    if path is not None and path.is_dir():
+        raise DatabaseError(
+            f"The history database {resolved} cannot be opened: {path} is a directory."
+        )
     if path is not None and not path.is_file():
         raise DermError(
             f"No history database at {path} ({resolved}); store predictions first with "

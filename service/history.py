@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from data_pipeline.schema import CLASS_NAMES, CLASSES, FIELDS
 from db.models import PredictionRecord, as_utc
@@ -105,7 +105,17 @@ TABLE_COLUMNS = [
     "warnings",
 ]
 #: Gradio ``Dataframe`` datatypes of :data:`TABLE_COLUMNS`.
-TABLE_TYPES = ["number", "str", "str", "number", "str", "str", "str", "str", "number"]
+TABLE_TYPES: list[Literal["number", "str"]] = [
+    "number",
+    "str",
+    "str",
+    "number",
+    "str",
+    "str",
+    "str",
+    "str",
+    "number",
+]
 
 
 def table_row(r: PredictionRecord) -> list[Any]:

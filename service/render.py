@@ -39,7 +39,7 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45)
         from model.attribution import resize_heatmap  # torch/captum: only when needed
 
         heatmap = resize_heatmap(heatmap, image.shape[:2])
-    colour = cv2.applyColorMap(np.uint8(np.clip(heatmap, 0, 1) * 255), cv2.COLORMAP_JET)
+    colour = cv2.applyColorMap((np.clip(heatmap, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
     colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB).astype(np.float32)
     weight = alpha * np.clip(heatmap, 0, 1)[..., None] ** 0.5
     out = image.astype(np.float32) * (1 - weight) + colour * weight
@@ -63,7 +63,7 @@ def to_png(image: np.ndarray) -> bytes:
 
 def heatmap_png(heatmap: np.ndarray) -> bytes:
     """Lossless 8-bit grayscale PNG of a [0, 1] heatmap (compact storage in the history DB)."""
-    return to_png(np.uint8(np.clip(heatmap, 0, 1) * 255 + 0.5))
+    return to_png((np.clip(heatmap, 0, 1) * 255 + 0.5).astype(np.uint8))
 
 
 def heatmap_from_png(data: bytes | None) -> np.ndarray | None:
@@ -74,7 +74,7 @@ def heatmap_from_png(data: bytes | None) -> np.ndarray | None:
 
 
 def thumbnail_jpeg(rgb: np.ndarray, max_side: int = THUMBNAIL_SIDE) -> bytes:
-    h, w = fit_size(*rgb.shape[:2], max_side)
+    h, w = fit_size(rgb.shape[0], rgb.shape[1], max_side)
     img = Image.fromarray(rgb).resize((w, h), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
@@ -108,6 +108,6 @@ def contributions_chart(contributions: dict[str, float] | None, target: str) -> 
         ax.set_xlabel(f"change in P({target}) vs. field unknown (percentage points)")
     fig.tight_layout()
     fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
     return rgb

@@ -57,7 +57,7 @@ def app(tiny_checkpoint, tmp_path_factory):
     service.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def files(tmp_path: Path) -> Path:
     return tmp_path
 
@@ -145,7 +145,7 @@ def _gray16_png(path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "make, name",
+    ("make", "name"),
     [(_cmyk_jpeg, "cmyk.jpg"), (_rgba_png, "rgba.png"), (_gray16_png, "gray16.png")],
 )
 def test_unusual_image_modes_are_converted_not_refused(app, files, make, name):
@@ -158,7 +158,7 @@ def test_unusual_image_modes_are_converted_not_refused(app, files, make, name):
     assert (record.image_width, record.image_height) == (200, 150)
 
 
-# --- refused inputs --------------------------------------------------------------------------------
+# --- refused inputs -------------------------------------------------------------------------------
 
 
 def _text_file(d: Path) -> Path:
@@ -237,7 +237,7 @@ def test_storage_failure_is_shown_not_hidden(app, monkeypatch):
     assert app.service.count() == before
 
 
-# --- history ---------------------------------------------------------------------------------------
+# --- history --------------------------------------------------------------------------------------
 
 
 def test_history_filter_table_csv_and_detail(app):
@@ -292,7 +292,7 @@ def test_history_csv_holds_every_row_beyond_the_table(app, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "since, until, message",
+    ("since", "until", "message"),
     [
         ("2025-13-45", "", "Bad since date"),
         ("yesterday", "", "use YYYY-MM-DD"),
@@ -306,7 +306,7 @@ def test_history_bad_filter_is_explained(app, since, until, message):
 
 
 @pytest.mark.parametrize(
-    "value, message",
+    ("value", "message"),
     [
         (987654, "No stored prediction has id 987654"),
         ("abc", "is not a whole number"),
@@ -319,7 +319,7 @@ def test_history_item_bad_id(app, value, message):
     assert message in str(info.value)
 
 
-# --- About tab ---------------------------------------------------------------------------------------
+# --- About tab ------------------------------------------------------------------------------------
 
 
 def test_model_card_without_metrics_renders(app):
@@ -359,7 +359,7 @@ def test_model_card_with_metrics_shows_them_and_the_command(app):
     assert "No evaluation metrics" not in card
 
 
-# --- launching: --auth, --share, ports -----------------------------------------------------------------
+# --- launching: --auth, --share, ports ------------------------------------------------------------
 
 
 def test_parse_auth():

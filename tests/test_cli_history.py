@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.cli import run_cli
+from common.text import DISCLAIMER
 from data_pipeline.schema import CLASS_NAMES, CLASSES
 from db.session import DB_URL_ENV
 from scripts import predict, query_history
-from common.cli import run_cli
-from common.text import DISCLAIMER
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture()
+@pytest.fixture
 def jpgs(synthetic_ham: Path) -> list[Path]:
     return sorted((synthetic_ham / "images").glob("*.jpg"))
 

@@ -23,8 +23,8 @@ from db.queries import (
     parse_date,
     query_predictions,
 )
-from service.history import record_dict
 from db.session import DB_URL_ENV, DEFAULT_DB_URL, Database, resolve_db_url, sqlite_path
+from service.history import record_dict
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
@@ -65,7 +65,7 @@ def make_row(**over) -> PredictionRecord:
     return PredictionRecord(**values)
 
 
-@pytest.fixture()
+@pytest.fixture
 def database(tmp_path: Path) -> Database:
     d = Database(f"sqlite:///{tmp_path / 'sub' / 'history.db'}")
     yield d
@@ -292,7 +292,7 @@ def test_limit_offset_and_ordering(database: Database):
     assert ids(database, limit=2, offset=2) == [r[0], r[3]]
     assert ids(database, offset=4) == []
     for bad in ({"limit": 0}, {"limit": -1}, {"offset": -1}, {"limit": 10**9}):
-        with pytest.raises(DermError, match="Limit|Offset"):
+        with pytest.raises(DermError, match=r"Limit|Offset"):
             ids(database, **bad)
 
 

@@ -41,7 +41,7 @@ def test_inspect_text_report_and_written_splits(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "breakage,message",
+    ("breakage", "message"),
     [
         ("drop_column", "missing required column(s) lesion_id"),
         ("bad_dx", "unknown dx 'cancer'"),

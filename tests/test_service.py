@@ -14,8 +14,8 @@ from sqlalchemy import text
 
 from common.errors import DermError, ImageError, MetadataError
 from data_pipeline.images import load_rgb
-from data_pipeline.schema import CLASSES
 from data_pipeline.request import PredictionRequest
+from data_pipeline.schema import CLASSES
 from db.queries import HistoryFilter
 from db.session import Database
 from model.predictor import Predictor
@@ -44,7 +44,7 @@ def predictor(tiny_checkpoint: Path) -> Predictor:
     return Predictor.from_checkpoint(tiny_checkpoint)
 
 
-@pytest.fixture()
+@pytest.fixture
 def service(predictor: Predictor, tmp_path: Path) -> PredictionService:
     svc = PredictionService(predictor, Database(f"sqlite:///{tmp_path / 'history.db'}"))
     yield svc
@@ -188,7 +188,7 @@ def test_invalid_input_stores_nothing(service: PredictionService, kwargs, error,
 
 def test_missing_file_names_the_path(service: PredictionService, tmp_path: Path):
     missing = tmp_path / "nope.jpg"
-    with pytest.raises(ImageError, match="nope.jpg: no such image file"):
+    with pytest.raises(ImageError, match=r"nope\.jpg: no such image file"):
         service.predict_and_store(req(missing))
     assert service.count() == 0
 
