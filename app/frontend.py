@@ -232,6 +232,13 @@ def _diagnose_inputs() -> Components:
     return ui
 
 
+def _shown_image(label: str, height: int, elem_id: str | None = None) -> gr.Image:
+    """A read-only image output (an RGB array, served as PNG)."""
+    return gr.Image(
+        label=label, type="numpy", format="png", interactive=False, height=height, elem_id=elem_id
+    )
+
+
 def _diagnose_outputs() -> Components:
     """The six outputs of ``/predict``, in the API's order."""
     ui: Components = {}
@@ -240,22 +247,8 @@ def _diagnose_outputs() -> Components:
         label="Calibrated probabilities", num_top_classes=len(CLASSES), elem_id="probabilities"
     )
     ui["info"] = gr.Markdown(label="Model and storage", elem_id="result-info")
-    ui["heatmap"] = gr.Image(
-        label="Grad-CAM heatmap (where the model looked)",
-        type="numpy",
-        format="png",
-        interactive=False,
-        height=320,
-        elem_id="heatmap",
-    )
-    ui["chart"] = gr.Image(
-        label="Metadata contributions",
-        type="numpy",
-        format="png",
-        interactive=False,
-        height=240,
-        elem_id="contributions",
-    )
+    ui["heatmap"] = _shown_image("Grad-CAM heatmap (where the model looked)", 320, "heatmap")
+    ui["chart"] = _shown_image("Metadata contributions", 240, "contributions")
     with gr.Accordion("Full result (JSON, as returned by the API)", open=False):
         ui["result"] = gr.JSON(label="Result")
     return ui
@@ -478,13 +471,7 @@ def _history_detail() -> tuple[Components, gr.Button]:
         )
         show_btn = gr.Button("Show prediction", scale=1)
     with gr.Row(equal_height=False):
-        ui["detail_image"] = gr.Image(
-            label="Stored image with heatmap",
-            type="numpy",
-            format="png",
-            interactive=False,
-            height=300,
-        )
+        ui["detail_image"] = _shown_image("Stored image with heatmap", 300)
         with gr.Column():
             ui["detail"] = gr.Markdown(label="Stored prediction", elem_id="history-detail")
             ui["detail_probabilities"] = gr.Label(

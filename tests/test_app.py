@@ -392,6 +392,7 @@ def test_auth_protects_the_app(app, tiny_checkpoint):
         demo.close()
 
 
+@pytest.mark.slow
 def test_share_offline_keeps_serving_locally(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """Real Gradio share code path, with the share server made unreachable (as offline): the CLI
     prints that no link could be made, warns about the missing --auth, and serves locally."""

@@ -284,6 +284,7 @@ def test_sql_text_in_model_version_filter_is_harmless(tmp_path, capsys):
     assert code == 0 and json.loads(out) == []  # the table is still there
 
 
+@pytest.mark.slow
 def test_real_subprocess_acceptance_flow(jpgs, tiny_checkpoint, tmp_path):
     env = subprocess_env()
     db_url = "sqlite:///h.db"  # relative: the file lands in the working directory

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import io
 import threading
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -413,3 +414,25 @@ def test_listing_without_image_bytes(database: Database):
     with database.session() as s:
         (full,) = query_predictions(s)
         assert record_dict(full)["has_heatmap"] is True and full.thumbnail == b"\xff\xd8jpeg"
+
+
+#: A PostgreSQL database to run the round trip against, e.g. postgresql+psycopg://u:p@host/db.
+POSTGRES_URL_ENV = "DERMFUSION_POSTGRES_URL"
+
+
+@pytest.mark.postgres
+def test_postgres_round_trip():
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if not url:
+        pytest.skip(f"no PostgreSQL to test against: set {POSTGRES_URL_ENV}")
+    pytest.importorskip("psycopg", reason='needs the driver: pip install -e ".[postgres]"')
+    database = Database(url)
+    try:
+        with database.session() as s:
+            s.add(make_row(model_version="postgres-test"))
+        f = HistoryFilter(model_version="postgres-test")
+        assert ids(database, f)
+        with database.session() as s:
+            s.execute(text("DELETE FROM predictions WHERE model_version = 'postgres-test'"))
+    finally:
+        database.dispose()

@@ -52,6 +52,20 @@ def one_clear_line(err: str) -> str:
     return lines[-1]
 
 
+def errors_at_every_entry_point(url: str, checkpoint: Path, tmp_path: Path, capsys) -> list[str]:
+    """The error line of query_history, predict --db and the app, each started with ``url``."""
+    lines = []
+    for main, argv in [
+        (query_history.main, ["--db", url]),
+        (predict.main, [tmp_path / "x.jpg", "--db", url]),
+        (app_main, ["--checkpoint", checkpoint, "--db", url]),
+    ]:
+        code, _, err = run(main, argv, capsys)
+        assert code == 2, err
+        lines.append(one_clear_line(err))
+    return lines
+
+
 def row(**overrides) -> PredictionRecord:
     values = {
         "id": 7,
@@ -129,15 +143,7 @@ def test_unopenable_database_is_one_clear_line_everywhere(tmp_path, tiny_checkpo
         path.mkdir()
     else:
         path.write_bytes(b"this is not SQLite" * 100)
-    url = f"sqlite:///{path}"
-    for main, argv in [
-        (query_history.main, ["--db", url]),
-        (predict.main, [tmp_path / "x.jpg", "--db", url]),
-        (app_main, ["--checkpoint", tiny_checkpoint, "--db", url]),
-    ]:
-        code, _, err = run(main, argv, capsys)
-        assert code == 2
-        line = one_clear_line(err)
+    for line in errors_at_every_entry_point(f"sqlite:///{path}", tiny_checkpoint, tmp_path, capsys):
         assert "history database" in line and "cannot be opened" in line, line
 
 
@@ -146,14 +152,7 @@ def test_unopenable_database_is_one_clear_line_everywhere(tmp_path, tiny_checkpo
 
 @pytest.mark.skipif(HAS_PSYCOPG, reason="psycopg is installed")
 def test_missing_driver_names_the_fix(tiny_checkpoint, tmp_path, capsys):
-    for main, argv in [
-        (query_history.main, ["--db", POSTGRES_URL]),
-        (predict.main, [tmp_path / "x.jpg", "--db", POSTGRES_URL]),
-        (app_main, ["--checkpoint", tiny_checkpoint, "--db", POSTGRES_URL]),
-    ]:
-        code, _, err = run(main, argv, capsys)
-        assert code == 2
-        line = one_clear_line(err)
+    for line in errors_at_every_entry_point(POSTGRES_URL, tiny_checkpoint, tmp_path, capsys):
         assert 'pip install -e ".[postgres]"' in line and "psycopg" in line, line
 
 

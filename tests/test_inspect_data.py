@@ -70,6 +70,7 @@ def test_inspect_bad_inputs(tmp_path, capsys, breakage, message):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_inspect_subprocess_error_is_one_line(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "scripts.inspect_data", "--data-dir", str(tmp_path / "absent")],
