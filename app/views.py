@@ -323,10 +323,35 @@ def _performance_lines(config: CheckpointConfig, checkpoint_folder: Path | str |
     return lines
 
 
+def _size_text(size: Any) -> str:
+    """``[200, 150]`` / ``"200x150"`` → ``200×150 px``."""
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return f"{int(size[0])}×{int(size[1])} px"
+    return str(size).replace("x", "×") + ("" if "px" in str(size) else " px")
+
+
+def source_image_sizes(config: CheckpointConfig) -> list[str]:
+    """Sizes of the training images: ``preprocessing.geometry["source_size"]``, else each train
+    source's ``image_size``, else what is known about the dataset by name."""
+    geometry = _config_value(config.preprocessing, "geometry")
+    if isinstance(geometry, dict) and geometry.get("source_size"):
+        return [_size_text(geometry["source_size"])]
+    sizes = []
+    for source in training_sources(config):
+        if source.get("role", "train") != "train":
+            continue
+        size = source.get("image_size") or KNOWN_DATASETS.get(source.get("name", ""), {}).get(
+            "image_size"
+        )
+        if size and _size_text(size) not in sizes:
+            sizes.append(_size_text(size))
+    return sizes
+
+
 def _limitation_lines(config: CheckpointConfig) -> list[str]:
     train = [s for s in training_sources(config) if s.get("role", "train") == "train"]
     known = [KNOWN_DATASETS.get(s.get("name", ""), {}) for s in train]
-    sizes = sorted({k["image_size"] for k in known if "image_size" in k})
+    sizes = source_image_sizes(config)
     trained_on = f"{' / '.join(sizes)} downscaled " if sizes else ""
     classes = list(config.vocabulary.get("classes", CLASSES))
     ood = getattr(config, "ood", None) or {}

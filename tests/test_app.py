@@ -480,3 +480,40 @@ def test_missing_checkpoint_is_a_clear_cli_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "is not a checkpoint folder" in err
+
+
+def test_model_card_reads_sources_geometry_and_ood_from_the_config(app):
+    """Newer checkpoints record their data sources and geometry; the card uses them, not code."""
+    from copy import deepcopy
+
+    cfg = deepcopy(app.service.predictor.config)
+    cfg.preprocessing = SimpleNamespace(
+        width=224,
+        height=224,
+        source_aspect=1.0,
+        geometry={"crop": "centre square", "source_size": [600, 450]},
+        color_constancy="shades of grey (p=6)",
+    )
+    cfg.training = {
+        "sources": [
+            {
+                "name": "HAM10000",
+                "role": "train",
+                "n_images": 10015,
+                "classes": list(CLASSES),
+                "citation": "Tschandl et al. 2018",
+            },
+            {"name": "ISIC2017", "role": "external_val", "citation": "Codella et al. 2018"},
+        ]
+    }
+    cfg.ood = {"threshold": 0.5, "percentile": 95.0}
+    card = views.model_card_markdown(cfg)
+    assert "crop centre square" in card and "resized to 224×224 px" in card
+    assert "colour constancy: shades of grey (p=6)" in card
+    assert "600×450 px" in card and "200×150" not in card and "cropped to 4:3" not in card
+    assert "Tschandl et al. 2018" in card and "10015 images" in card
+    assert "**ISIC2017** (Codella et al. 2018), external validation" in card
+    assert "95th percentile" in card and "99th" not in card
+    assert views.training_dataset_name(cfg) == "HAM10000"
+    legacy = views.model_card_markdown(app.service.predictor.config)
+    assert "cropped to 4:3" in legacy and "10.1038/sdata.2018.161" in legacy and "99th percentile" in legacy
