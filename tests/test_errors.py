@@ -117,6 +117,18 @@ def test_history_can_be_read_from_a_read_only_database(history_db, capsys):
     assert code == 0 and "prediction 1" in out
 
 
+def test_app_starts_and_shows_history_on_a_read_only_database(
+    history_db, tiny_checkpoint, tmp_path
+):
+    service = PredictionService.create(tiny_checkpoint, read_only_url(history_db))
+    try:
+        values = frontend.search_history(service, tmp_path, "", "", [], 0, "any", "any")
+        assert "**1** matching" in values["summary"]
+        assert "prediction" in frontend.show_record(service, "1")["detail"].lower()
+    finally:
+        service.close()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
 def test_history_can_be_read_from_a_read_only_file(history_db, capsys):
     history_db.chmod(0o444)
