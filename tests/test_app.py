@@ -510,7 +510,8 @@ def test_model_card_reads_sources_geometry_and_ood_from_the_config(app):
     card = views.model_card_markdown(cfg)
     assert "crop centre square" in card and "resized to 224×224 px" in card
     assert "colour constancy: shades of grey (p=6)" in card
-    assert "600×450 px" in card and "200×150" not in card and "cropped to 4:3" not in card
+    assert "600×450 px" in card and "200×150" not in card
+    assert "cropped to 4:3" not in card
     assert "Tschandl et al. 2018" in card and "10015 images" in card
     assert "**ISIC2017** (Codella et al. 2018), external validation" in card
     assert "95th percentile" in card and "99th" not in card

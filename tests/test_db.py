@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import os
 import io
+import os
 import threading
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
