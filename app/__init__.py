@@ -1,5 +1,5 @@
 """The DermFusion Gradio app (research and education only — not a diagnosis).
 
 ``make_frontend(service)`` in :mod:`app.frontend` builds the UI around a
-:class:`db.service.PredictionService`; ``python -m app`` (:mod:`app.__main__`) serves it.
+:class:`service.prediction.PredictionService`; ``python -m app`` (:mod:`app.__main__`) serves it.
 """

@@ -17,9 +17,11 @@ import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from common.errors import DermError
 from common.cli import run_cli
+from common.errors import DermError
+from common.text import DISCLAIMER
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -86,8 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def exposure_warnings(host: str, share: bool, auth: list[tuple[str, str]] | None) -> list[str]:
+    """Warnings for serving patient history to others without a login."""
+    if auth:
+        return []
+    out = []
+    if share:
+        out.append(
+            "WARNING: --share without --auth: anyone who gets the public link can use this app "
+            "and browse its prediction history. Add --auth USER:PASSWORD."
+        )
+    if host not in LOOPBACK_HOSTS:
+        out.append(
+            f"WARNING: --host {host} without --auth: anyone on your network can use this app "
+            "and browse its prediction history. Add --auth USER:PASSWORD."
+        )
+    return out
+
+
 def launch(
-    demo,
+    demo: Any,
     host: str = DEFAULT_HOST,
     port: int | None = DEFAULT_PORT,
     share: bool = False,
@@ -101,17 +124,13 @@ def launch(
     """
     from app.frontend import CSS
 
-    if share and not auth:
-        print(
-            "WARNING: --share without --auth: anyone who gets the public link can use this app "
-            "and browse its prediction history. Add --auth USER:PASSWORD.",
-            flush=True,
-        )
-    kwargs = {
+    for warning in exposure_warnings(host, share, auth):
+        print(warning, flush=True)
+    kwargs: dict[str, Any] = {
         "server_name": host,
         "server_port": port,
         "auth": auth or None,
-        "auth_message": "DermFusion — research and education only, not a diagnosis.",
+        "auth_message": f"DermFusion — {DISCLAIMER}",
         "prevent_thread_lock": True,
         "quiet": quiet,
         "show_error": False,
@@ -148,11 +167,11 @@ def launch(
             f"server is unreachable or blocked). Serving locally only at {local_url}",
             flush=True,
         )
-    print(f"DermFusion app running at {local_url} (research and education only).", flush=True)
+    print(f"DermFusion app running at {local_url} ({DISCLAIMER})", flush=True)
     return Served(local_url=local_url, share_url=share_url)
 
 
-def _share_failed(demo, exc: Exception, kwargs: dict) -> None:
+def _share_failed(demo: Any, exc: Exception, kwargs: dict[str, Any]) -> None:
     print(f"Could not create a public share link ({type(exc).__name__}: {exc}).", flush=True)
     with contextlib.suppress(Exception):  # best effort before relaunching locally
         demo.close()
@@ -162,14 +181,13 @@ def _share_failed(demo, exc: Exception, kwargs: dict) -> None:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from app.frontend import make_frontend
-    from db.service import PredictionService
+    from service.prediction import PredictionService
 
     service = PredictionService.create(
         args.checkpoint, db_url=args.db, store_images=not args.no_store_images
     )
-    print(
-        f"model {service.predictor.version}; history database {service.db.display_url}", flush=True
-    )
+    db_url = service.db.display_url if service.db else "none"
+    print(f"model {service.predictor.version}; history database {db_url}", flush=True)
     demo = make_frontend(service)
     launch(demo, host=args.host, port=args.port, share=args.share, auth=args.auth)
     try:

@@ -1,35 +1,54 @@
-"""Presentation helpers for the app: turn predictions, history rows and checkpoint configs into
-the values Gradio components display (label dicts, Markdown, tables, CSV files).
+"""Presentation helpers for the app: turn predictions and checkpoint configs into the values Gradio
+components display (label dicts, Markdown). History rows are serialised by :mod:`service.history`.
 
 No decisions are made here — which classes are flagged, which warnings apply, what is stored —
-those come from :class:`model.predictor.Predictor` and :class:`db.service.PredictionService`.
-Everything is plain Python (no Gradio import) so it can be tested without a server.
+those come from :class:`model.predictor.Predictor` and
+:class:`service.prediction.PredictionService`. Everything is plain Python (no Gradio import) so it
+can be tested without a server.
+
+The model card describes the model from its checkpoint config: input geometry and colour
+handling from ``preprocessing``, the datasets and their citations from ``training["sources"]``,
+the out-of-distribution threshold from ``ood``. Checkpoints written before those keys existed fall
+back to :data:`LEGACY_SOURCES` / :data:`KNOWN_DATASETS`, the facts of the HAM10000 training those
+checkpoints had.
 """
 
 from __future__ import annotations
 
-import csv
-import html
-import json
-from collections.abc import Iterable
-from datetime import UTC, datetime
+from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from common.text import DISCLAIMER
 from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT
 from db.queries import HistoryFilter
-from model.checkpoint import SHIPPED_DIR
-from model.predictor import MALIGNANT_FLAG
+from model.checkpoint import SHIPPED_DIR, CheckpointConfig
+from model.predictor import MALIGNANT_FLAG, Prediction, ordinal
+from service.history import class_label, escape_markdown
+from service.prediction import StoredPrediction
 
-DISCLAIMER = "Research and education only — not a diagnosis."
 ANY = "any"
 
-HISTORY_COLUMNS = ["id", "time (UTC)", "class", "probability", "age", "sex", "site", "model"]
-
-
-def class_label(code: str) -> str:
-    """``Melanoma (mel)``: the full name first, the HAM10000 code for reference."""
-    return f"{CLASS_NAMES.get(code, code)} ({code})"
+#: What is known about a dataset beyond what a checkpoint records (display facts only).
+KNOWN_DATASETS: dict[str, dict[str, str]] = {
+    "HAM10000": {
+        "description": "dermoscopic images of pigmented lesions with age, sex and body site",
+        "image_size": "200×150 px",
+        "population": "Vienna (Austria) and Queensland (Australia), mostly fair-skinned patients",
+    },
+}
+#: ``training["sources"]`` of checkpoints written before sources were recorded.
+LEGACY_SOURCES: list[dict[str, Any]] = [
+    {
+        "name": "HAM10000",
+        "role": "train",
+        "citation": (
+            "Tschandl, Rosendahl & Kittler, *Sci. Data* 5, 180161, 2018; "
+            "doi:10.1038/sdata.2018.161; CC BY-NC 4.0"
+        ),
+    }
+]
 
 
 def label_value(probabilities: dict[str, float]) -> dict[str, float]:
@@ -37,11 +56,7 @@ def label_value(probabilities: dict[str, float]) -> dict[str, float]:
     return {class_label(c): float(probabilities.get(c, 0.0)) for c in CLASSES}
 
 
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=False)
-
-
-def alerts_markdown(prediction) -> str:
+def alerts_markdown(prediction: Prediction) -> str:
     """The malignancy flag and the predictor's warnings, most important first."""
     parts: list[str] = []
     flagged = list(prediction.malignant_flag)
@@ -53,19 +68,20 @@ def alerts_markdown(prediction) -> str:
             "dermatologist — this tool cannot rule anything in or out."
         )
     for warning in prediction.warnings:
-        parts.append(f"**⚠️ {_esc(warning)}**")
+        parts.append(f"**⚠️ {escape_markdown(warning)}**")
     if not flagged:
         top = prediction.top_class
         malignant = ", ".join(CLASS_NAMES[c] for c in CLASSES if c in MALIGNANT)
         parts.append(
             f"No malignant class ranks high ({malignant} are flagged when they rank first or "
-            f"reach {MALIGNANT_FLAG:.0%}). Top class: {CLASS_NAMES[top]} {prediction.top_probability:.0%}."
+            f"reach {MALIGNANT_FLAG:.0%}). Top class: {CLASS_NAMES[top]} "
+            f"{prediction.top_probability:.0%}."
         )
     parts.append(f"*{DISCLAIMER}*")
     return "\n\n".join(parts)
 
 
-def result_markdown(stored) -> str:
+def result_markdown(stored: StoredPrediction) -> str:
     """Model version, storage outcome and attribution target of one prediction."""
     pred = stored.prediction
     if stored.stored and stored.id is not None:
@@ -79,78 +95,6 @@ def result_markdown(stored) -> str:
         else ""
     )
     return f"{explained}Model `{pred.model_version}` · {pred.latency_ms:.0f} ms · {saved}."
-
-
-def _fmt_time(value: Any) -> str:
-    if isinstance(value, datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(UTC)
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    return "" if value is None else str(value)
-
-
-def _fmt_age(age: Any) -> str:
-    if age is None:
-        return ""
-    return f"{age:g}" if isinstance(age, (int, float)) else str(age)
-
-
-def history_table(records) -> list[list[Any]]:
-    """Rows for the history ``gr.Dataframe`` (columns :data:`HISTORY_COLUMNS`)."""
-    return [
-        [
-            r.id,
-            _fmt_time(r.created_at),
-            class_label(r.predicted_class),
-            round(float(r.predicted_probability), 3),
-            _fmt_age(r.age),
-            r.sex,
-            r.site,
-            r.model_version,
-        ]
-        for r in records
-    ]
-
-
-def write_history_csv(records: Iterable, path: Path) -> Path:
-    """Every column a researcher needs from the filtered rows (no image bytes); ``records`` may
-    be any iterable, so rows can be streamed from the database a page at a time."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = [
-        "id",
-        "created_at",
-        "predicted_class",
-        "predicted_class_name",
-        "predicted_probability",
-        *[f"p_{c}" for c in CLASSES],
-        "age",
-        "sex",
-        "site",
-        "attribution_target",
-        "metadata_contributions",
-        "warnings",
-        "ood_distance",
-        "model_name",
-        "model_version",
-        "checkpoint_sha256",
-        "latency_ms",
-        "image_sha256",
-        "image_width",
-        "image_height",
-    ]
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for r in records:
-            d = r.to_dict()
-            probs = d.pop("probabilities") or {}
-            d.update({f"p_{c}": probs.get(c) for c in CLASSES})
-            contribs = d.get("metadata_contributions")
-            d["metadata_contributions"] = json.dumps(contribs) if contribs is not None else ""
-            d["warnings"] = " | ".join(d.get("warnings") or [])
-            writer.writerow(d)
-    return path
 
 
 def history_filter(
@@ -172,125 +116,106 @@ def history_filter(
     )
 
 
-def record_markdown(record) -> str:
-    """Inputs and outcome of one stored prediction."""
-    d = record.to_dict()
-    age = _fmt_age(d["age"]) or "unknown"
-    lines = [
-        f"### Prediction #{d['id']}",
-        f"- **Time:** {_fmt_time(record.created_at)} UTC",
-        (
-            f"- **Inputs:** age {age}, sex {d['sex']}, body site {d['site']}; image "
-            f"{d['image_width']}×{d['image_height']} px (sha256 `{d['image_sha256'][:12]}…`)"
-        ),
-        f"- **Top class:** {class_label(d['predicted_class'])} {d['predicted_probability']:.1%}",
-        f"- **Model:** `{d['model_version']}`",
-    ]
-    if d.get("attribution_target"):
-        lines.append(f"- **Heatmap explains:** {class_label(d['attribution_target'])}")
-    contribs = d.get("metadata_contributions")
-    if contribs:
-        shown = ", ".join(f"{k} {100 * v:+.1f} pp" for k, v in contribs.items())
-        lines.append(f"- **Metadata contributions:** {shown}")
-    for w in d.get("warnings") or []:
-        lines.append(f"- **⚠️ {_esc(w)}**")
-    if not d.get("has_thumbnail"):
-        lines.append("- *No image stored (the app ran with --no-store-images).*")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------
-# Model card
+# Model card: facts read from the checkpoint config
 
 
-def _pct(value: Any) -> str:
-    return "—" if value is None else f"{100 * float(value):.1f}%"
+def training_sources(config: CheckpointConfig) -> list[dict[str, Any]]:
+    """``training["sources"]``, or :data:`LEGACY_SOURCES` for configs that predate it."""
+    sources = (getattr(config, "training", None) or {}).get("sources")
+    return [dict(s) for s in sources] if sources else [dict(s) for s in LEGACY_SOURCES]
 
 
-def _num(value: Any) -> str:
-    return "—" if value is None else f"{float(value):.3f}"
-
-
-def _metrics_table(metrics: dict[str, dict]) -> str:
-    splits = [s for s in ("test", "val") if isinstance(metrics.get(s), dict)]
-    if not splits:
-        return ""
-    rows = [
-        ("Images (n)", "n", lambda v: "—" if v is None else str(int(v))),
-        ("Accuracy", "accuracy", _pct),
-        ("Balanced accuracy (mean recall)", "balanced_accuracy", _pct),
-        ("Macro F1", "macro_f1", _num),
-        ("Macro ROC AUC (one-vs-rest)", "macro_auc", _num),
-        ("Top-3 accuracy", "top3_accuracy", _pct),
-        ("Expected calibration error", "ece", _num),
+def training_dataset_name(config: CheckpointConfig) -> str:
+    """The name(s) of the training dataset(s), e.g. ``HAM10000``."""
+    names = [
+        s.get("name", "?") for s in training_sources(config) if s.get("role", "train") == "train"
     ]
-    out = ["| Metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
-    for title, key, fmt in rows:
-        out.append(f"| {title} | " + " | ".join(fmt(metrics[s].get(key)) for s in splits) + " |")
-    return "\n".join(out)
+    return " + ".join(names) or "training"
 
 
-def _per_class_table(m: dict) -> str:
-    per = m.get("per_class") or {}
-    if not per:
-        return ""
-    out = ["| Class | Recall | Precision | AUC | n |", "|---|---|---|---|---|"]
-    for c in CLASSES:
-        pc = per.get(c)
-        if not pc:
-            continue
-        out.append(
-            f"| {class_label(c)} | {_pct(pc.get('recall'))} | {_pct(pc.get('precision'))} | "
-            f"{_num(pc.get('auc'))} | {pc.get('support', '—')} |"
-        )
-    return "\n".join(out)
+def _config_value(section: Any, key: str) -> Any:
+    """``section.key`` or ``section[key]`` (dataclass or dict), None when absent."""
+    if isinstance(section, dict):
+        return section.get(key)
+    return getattr(section, key, None)
 
 
-def model_card_markdown(config, checkpoint_folder: Path | str | None = None) -> str:
-    """The About tab: a model card built from the checkpoint's own config."""
-    training = dict(getattr(config, "training", {}) or {})
-    metrics = dict(getattr(config, "metrics", {}) or {})
+def _aspect(ratio: float) -> str:
+    """1.333… → ``4:3``."""
+    frac = Fraction(ratio).limit_denominator(20)
+    return f"{frac.numerator}:{frac.denominator}"
+
+
+def _describe_setting(value: Any) -> str:
+    """A ``preprocessing`` setting (string, flag or dict) as words."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items())
+    if value is True:
+        return "on"
+    return str(value)
+
+
+def input_description(config: CheckpointConfig) -> str:
+    """How images are prepared, from ``preprocessing`` (geometry, colour constancy, size)."""
     pre = config.preprocessing
+    geometry = _config_value(pre, "geometry")
+    if geometry:
+        text = f"{_describe_setting(geometry)}; resized to {pre.width}×{pre.height} px"
+    else:
+        text = (
+            f"images centre-cropped to {_aspect(float(pre.source_aspect))} and resized to "
+            f"{pre.width}×{pre.height} px"
+        )
+    colour = _config_value(pre, "color_constancy")
+    if colour:
+        text += f"; colour constancy: {_describe_setting(colour)}"
+    return text + "."
+
+
+def _source_line(source: dict[str, Any]) -> str:
+    name = source.get("name", "dataset")
+    known = KNOWN_DATASETS.get(name, {})
+    cite = f" ({source['citation']})" if source.get("citation") else ""
+    role = {"train": "training", "external_val": "external validation"}.get(
+        source.get("role", "train"), str(source.get("role"))
+    )
+    facts = [known["description"]] if "description" in known else []
+    if source.get("n_images"):
+        facts.append(f"{source['n_images']} images")
+    if source.get("classes"):
+        facts.append(f"classes {', '.join(source['classes'])}")
+    return f"- **{name}**{cite}, {role}" + (f": {'; '.join(facts)}." if facts else ".")
+
+
+def _architecture_lines(config: CheckpointConfig) -> list[str]:
     mcfg = config.model
     inputs = "image + age, sex and body site" if mcfg.use_metadata else "image only"
-    lines = [
-        f"## Model card — `{config.version}`",
-        (
-            f"> **{DISCLAIMER}** This tool has not been clinically validated and must never be "
-            "used to decide whether a lesion is examined, treated or removed."
-        ),
+    ensemble = (
+        f" An ensemble of {mcfg.members} such networks trained with different seeds (mean logits)."
+        if mcfg.members > 1
+        else ""
+    )
+    return [
         "### Model",
-        (
-            f"- **Architecture:** `{mcfg.backbone}` image branch fused with a small MLP over patient "
-            f"metadata; inputs: {inputs}."
-            + (
-                f" An ensemble of {mcfg.members} such networks trained with different seeds "
-                "(mean logits)."
-                if mcfg.members > 1
-                else ""
-            )
-        ),
-        f"- **Input:** images centre-cropped to 4:3 and resized to {pre.width}×{pre.height} px.",
-        (
-            f"- **Calibration:** temperature scaling on the validation split (T = "
-            f"{float(config.temperature):.3f}); probabilities shown are calibrated."
-        ),
-        (
-            "- **Explanations:** Grad-CAM heatmap over the image; metadata contributions are the "
-            "change in the explained class's probability when a field is set to *unknown*."
-        ),
+        f"- **Architecture:** `{mcfg.backbone}` image branch fused with a small MLP over patient "
+        f"metadata; inputs: {inputs}.{ensemble}",
+        f"- **Input:** {input_description(config)}",
+        f"- **Calibration:** temperature scaling on the validation split (T = "
+        f"{float(config.temperature):.3f}); probabilities shown are calibrated.",
+        "- **Explanations:** Grad-CAM heatmap over the image; metadata contributions are the "
+        "change in the explained class's probability when a field is set to *unknown*.",
         f"- **Created:** {config.created_at}",
-        "### Training data",
-        (
-            "- **HAM10000** (Tschandl, Rosendahl & Kittler, *Sci. Data* 5, 180161, 2018; "
-            "doi:10.1038/sdata.2018.161; CC BY-NC 4.0): dermoscopic images of pigmented lesions "
-            "in 7 classes with age, sex and body site."
-        ),
-        (
-            "- **Lesion-grouped splits:** all images of one lesion fall in the same split "
-            "(train / validation / test), so test scores are on lesions the model never saw."
-        ),
     ]
+
+
+def _training_lines(config: CheckpointConfig) -> list[str]:
+    training = dict(getattr(config, "training", {}) or {})
+    lines = ["### Training data", *(_source_line(s) for s in training_sources(config))]
+    lines.append(
+        "- **Lesion-grouped splits:** all images of one lesion fall in the same split "
+        "(train / validation / test), so test scores are on lesions the model never saw."
+    )
     if training.get("split_file"):
         sha = training.get("split_sha256", "")
         lines.append(
@@ -312,15 +237,66 @@ def model_card_markdown(config, checkpoint_folder: Path | str | None = None) -> 
             f"- **Member {i}** (`{member.get('version')}`, seed {member.get('seed')}, best epoch "
             f"{member.get('best_epoch')}): `{member.get('command')}`"
         )
+    return lines
 
-    lines.append("### Performance")
+
+def _pct(value: Any) -> str:
+    return "—" if value is None else f"{100 * float(value):.1f}%"
+
+
+def _num(value: Any) -> str:
+    return "—" if value is None else f"{float(value):.3f}"
+
+
+def _count(value: Any) -> str:
+    return "—" if value is None else str(int(value))
+
+
+METRIC_ROWS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("Images (n)", "n", _count),
+    ("Accuracy", "accuracy", _pct),
+    ("Balanced accuracy (mean recall)", "balanced_accuracy", _pct),
+    ("Macro F1", "macro_f1", _num),
+    ("Macro ROC AUC (one-vs-rest)", "macro_auc", _num),
+    ("Top-3 accuracy", "top3_accuracy", _pct),
+    ("Expected calibration error", "ece", _num),
+]
+
+
+def _metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
+    splits = [s for s in ("test", "val") if isinstance(metrics.get(s), dict)]
+    if not splits:
+        return ""
+    out = ["| Metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for title, key, fmt in METRIC_ROWS:
+        out.append(f"| {title} | " + " | ".join(fmt(metrics[s].get(key)) for s in splits) + " |")
+    return "\n".join(out)
+
+
+def _per_class_table(m: dict[str, Any]) -> str:
+    per = m.get("per_class") or {}
+    if not per:
+        return ""
+    out = ["| Class | Recall | Precision | AUC | n |", "|---|---|---|---|---|"]
+    for c in CLASSES:
+        pc = per.get(c)
+        if pc:
+            out.append(
+                f"| {class_label(c)} | {_pct(pc.get('recall'))} | {_pct(pc.get('precision'))} | "
+                f"{_num(pc.get('auc'))} | {pc.get('support', '—')} |"
+            )
+    return "\n".join(out)
+
+
+def _performance_lines(config: CheckpointConfig, checkpoint_folder: Path | str | None) -> list[str]:
+    metrics = dict(getattr(config, "metrics", {}) or {})
+    training = dict(getattr(config, "training", {}) or {})
+    lines = ["### Performance"]
     table = _metrics_table(metrics)
     if table:
         lines += [
-            (
-                "Calibrated probabilities on the held-out lesion-grouped splits "
-                "(balanced accuracy is the headline: HAM10000 is ~67% nevi)."
-            ),
+            "Calibrated probabilities on the held-out lesion-grouped splits "
+            "(balanced accuracy is the headline: the classes are very unequal in size).",
             table,
         ]
         test = metrics.get("test")
@@ -332,10 +308,11 @@ def model_card_markdown(config, checkpoint_folder: Path | str | None = None) -> 
             "test checkpoint). Evaluate it with the command below before trusting any output."
         )
     lines.append("**Reproduce:**")
-    command = training.get("command")
-    if command:
+    if training.get("command"):
         what = "ensembling" if training.get("members") else "training"
-        lines.append(f"- {what} (writes val/test metrics into the checkpoint): `{command}`")
+        lines.append(
+            f"- {what} (writes val/test metrics into the checkpoint): `{training['command']}`"
+        )
     shipped = checkpoint_folder is None or Path(checkpoint_folder).resolve() == SHIPPED_DIR
     ckpt = "" if shipped else f" --checkpoint {checkpoint_folder}"
     lines.append(
@@ -343,35 +320,85 @@ def model_card_markdown(config, checkpoint_folder: Path | str | None = None) -> 
         f"`python -m scripts.evaluate --data-dir ../shared/ham10000{ckpt} --split test "
         "--out outputs/eval_test`"
     )
-    lines += [
+    return lines
+
+
+def _size_text(size: Any) -> str:
+    """``[200, 150]`` / ``"200x150"`` → ``200×150 px``."""
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return f"{int(size[0])}×{int(size[1])} px"
+    return str(size).replace("x", "×") + ("" if "px" in str(size) else " px")
+
+
+def source_image_sizes(config: CheckpointConfig) -> list[str]:
+    """Sizes of the training images: ``preprocessing.geometry["source_size"]``, else each train
+    source's ``image_size``, else what is known about the dataset by name."""
+    geometry = _config_value(config.preprocessing, "geometry")
+    if isinstance(geometry, dict) and geometry.get("source_size"):
+        return [_size_text(geometry["source_size"])]
+    sizes = []
+    for source in training_sources(config):
+        if source.get("role", "train") != "train":
+            continue
+        size = source.get("image_size") or KNOWN_DATASETS.get(source.get("name", ""), {}).get(
+            "image_size"
+        )
+        if size and _size_text(size) not in sizes:
+            sizes.append(_size_text(size))
+    return sizes
+
+
+def _limitation_lines(config: CheckpointConfig) -> list[str]:
+    train = [s for s in training_sources(config) if s.get("role", "train") == "train"]
+    known = [KNOWN_DATASETS.get(s.get("name", ""), {}) for s in train]
+    sizes = source_image_sizes(config)
+    trained_on = f"{' / '.join(sizes)} downscaled " if sizes else ""
+    classes = list(config.vocabulary.get("classes", CLASSES))
+    ood = getattr(config, "ood", None) or {}
+    ood_note = (
+        f" (the {ordinal(float(ood['percentile']))} percentile of validation images is the limit)"
+        if ood.get("percentile") is not None
+        else ""
+    )
+    lines = [
         "### Limitations",
-        (
-            "- **Image quality and size:** trained on 200×150 px downscaled dermoscopy images; "
-            "clinical (non-dermoscopic) photos, phone snapshots, other magnifications or heavy "
-            "artefacts are outside what the model has seen. The app warns when an image's features "
-            "are unlike the validation images, but cannot catch every such case."
-        ),
-        (
-            "- **Population:** HAM10000 comes from Vienna (Austria) and Queensland (Australia), mostly "
-            "fair-skinned patients; performance on darker skin types is unknown and likely worse."
-        ),
-        (
-            "- **Only 7 classes:** akiec, bcc, bkl, df, mel, nv, vasc. Any other condition (e.g. "
-            "invasive squamous cell carcinoma, Merkel cell carcinoma, inflammatory or infectious disease) will "
-            "still be forced into one of these classes."
-        ),
-        (
-            "- **Class imbalance:** rare classes (df, vasc, akiec) have few training examples and the "
-            "least reliable scores."
-        ),
-        (
-            "- **Metadata:** age, sex and site shift the probabilities in ways learnt from HAM10000's "
-            "population; they are not medical priors."
-        ),
+        f"- **Image quality and size:** trained on {trained_on}dermoscopy images; clinical "
+        "(non-dermoscopic) photos, phone snapshots, other magnifications or heavy artefacts are "
+        "outside what the model has seen. The app warns when an image's features are unlike the "
+        f"validation images{ood_note}, but cannot catch every such case.",
+    ]
+    for source, facts in zip(train, known, strict=True):
+        if "population" in facts:
+            lines.append(
+                f"- **Population:** {source['name']} comes from {facts['population']}; "
+                "performance on darker skin types is unknown and likely worse."
+            )
+    lines += [
+        f"- **Only {len(classes)} classes:** {', '.join(classes)}. Any other condition (e.g. "
+        "invasive squamous cell carcinoma, Merkel cell carcinoma, inflammatory or infectious "
+        "disease) will still be forced into one of these classes.",
+        "- **Class imbalance:** rare classes have few training examples and the least reliable "
+        "scores.",
+        "- **Metadata:** age, sex and site shift the probabilities in ways learnt from the "
+        "training population; they are not medical priors.",
         "- **Heatmaps** show where the network looked, not why a lesion is benign or malignant.",
-        (
-            f"### Disclaimer\n**{DISCLAIMER}** Outputs are probabilities from a statistical model, "
-            "not a medical opinion. Anyone worried about a skin lesion should see a doctor."
-        ),
+    ]
+    return lines
+
+
+def model_card_markdown(
+    config: CheckpointConfig, checkpoint_folder: Path | str | None = None
+) -> str:
+    """The About tab: a model card built from the checkpoint's own config."""
+    lines = [
+        f"## Model card — `{config.version}`",
+        f"> **{DISCLAIMER}** This tool has not been clinically validated and must never be "
+        "used to decide whether a lesion is examined, treated or removed.",
+        *_architecture_lines(config),
+        *_training_lines(config),
+        *_performance_lines(config, checkpoint_folder),
+        *_limitation_lines(config),
+        f"### Disclaimer\n**{DISCLAIMER}** Outputs are probabilities from a statistical model, "
+        "not a medical opinion. Anyone worried about a skin lesion should see a doctor.",
     ]
     return "\n\n".join(lines)

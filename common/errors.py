@@ -16,3 +16,8 @@ class MetadataError(DermError):
 
 class ImageError(DermError):
     """An image that cannot be decoded or is unsuitable (empty, too small, too large)."""
+
+
+class DatabaseError(DermError):
+    """The history database cannot be opened, read or written (down, locked, read-only, no
+    driver); the message names the database and the fix where there is one."""

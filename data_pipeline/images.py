@@ -6,8 +6,10 @@ is accepted (or refused) in one is accepted (or refused) in all.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +123,36 @@ def load_rgb(source: ImageSource, name: str | None = None) -> np.ndarray:
     img = _open(source, name)
     _check_size(img.size, name)
     return np.asarray(to_rgb(img, name), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An input image read and decoded once: its RGB pixels and the SHA-256 that identifies it."""
+
+    rgb: np.ndarray
+    sha256: str
+    name: str
+
+
+def read_image(source: ImageSource, name: str | None = None) -> DecodedImage:
+    """Read ``source`` once, hash it and decode it (raises :class:`ImageError`).
+
+    The hash is of the uploaded bytes (bytes or a file path), else of the decoded RGB pixels.
+    A file is read into memory a single time and decoded from those bytes.
+    """
+    if name is None:
+        name = str(source) if isinstance(source, (str, Path)) else "image"
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{name}: no such image file.")
+        try:
+            source = path.read_bytes()
+        except OSError as exc:
+            raise ImageError(f"{name}: the file cannot be read ({exc.strerror}).") from None
+    if isinstance(source, (bytes, bytearray)):
+        digest = hashlib.sha256(bytes(source)).hexdigest()
+        return DecodedImage(load_rgb(source, name), digest, name)
+    rgb = load_rgb(source, name)
+    digest = hashlib.sha256(np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()).hexdigest()
+    return DecodedImage(rgb, digest, name)

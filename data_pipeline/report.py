@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from common.plotting import pyplot
 from data_pipeline.images import load_rgb
 from data_pipeline.schema import CLASS_NAMES, CLASSES, UNKNOWN
 from data_pipeline.splits import SPLITS
@@ -29,10 +31,10 @@ def class_split_table(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def metadata_summary(df: pd.DataFrame) -> dict:
+def metadata_summary(df: pd.DataFrame) -> dict[str, Any]:
     ages = df["age"].dropna()
     return {
-        "images": int(len(df)),
+        "images": len(df),
         "lesions": int(df["lesion_id"].nunique()),
         "age_missing": int(df["age"].isna().sum()),
         "sex_unknown": int((df["sex"] == UNKNOWN).sum()),
@@ -47,18 +49,16 @@ def metadata_summary(df: pd.DataFrame) -> dict:
 
 def sample_grid(df: pd.DataFrame, path: Path, per_class: int = 6, seed: int = 0) -> Path:
     """A PNG grid: one row per class, ``per_class`` random images each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(
         len(CLASSES), per_class, figsize=(per_class * 1.8, len(CLASSES) * 1.5), squeeze=False
     )
     for r, dx in enumerate(CLASSES):
         paths = df.loc[df["dx"] == dx, "path"].tolist()
-        chosen = rng.choice(paths, size=min(per_class, len(paths)), replace=False) if paths else []
+        chosen: Any = (
+            rng.choice(paths, size=min(per_class, len(paths)), replace=False) if paths else []
+        )
         for c in range(per_class):
             ax = axes[r][c]
             ax.axis("off")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import MetadataError
+from common.text import echo
 
 #: Diagnosis codes in the fixed order used for logits, metrics and the database.
 CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -87,7 +88,9 @@ def normalize_sex(value: Any) -> str:
     aliases = {"f": "female", "m": "male", "woman": "female", "man": "male"}
     token = aliases.get(token, token)
     if token not in SEXES:
-        raise MetadataError(f"Unknown sex {value!r}: expected one of {', '.join(SEXES)} or blank.")
+        raise MetadataError(
+            f"Unknown sex {echo(value)}: expected one of {', '.join(SEXES)} or blank."
+        )
     return token
 
 
@@ -98,35 +101,45 @@ def normalize_site(value: Any) -> str:
         return UNKNOWN
     if token not in SITES:
         raise MetadataError(
-            f"Unknown body site {value!r}: expected one of {', '.join(SITES)} or blank."
+            f"Unknown body site {echo(value)}: expected one of {', '.join(SITES)} or blank."
         )
     return token
 
 
 def normalize_age(value: Any) -> float | None:
-    """Parse an age in years; None when blank. Rejects non-numbers and values outside 0-120."""
+    """Parse an age in years; None when blank. Rejects non-numbers, non-finite values ("nan",
+    "inf") and values outside 0-120; -0 becomes 0.
+
+    A float NaN (not the text "nan") is pandas' missing value, as read from a CSV, and means
+    unknown like a blank field.
+    """
     if value is None:
         return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, bool):
+        raise MetadataError(f"Age {echo(value)} is not a number of years.")
     if isinstance(value, str):
         if not value.strip():
             return None
         try:
-            value = float(value.strip())
+            age = float(value.strip())
         except ValueError:
-            raise MetadataError(f"Age {value!r} is not a number of years.") from None
-    if isinstance(value, bool):
-        raise MetadataError(f"Age {value!r} is not a number of years.")
-    try:
-        age = float(value)
-    except (TypeError, ValueError):
-        raise MetadataError(f"Age {value!r} is not a number of years.") from None
-    if math.isnan(age):
-        return None
+            raise MetadataError(f"Age {echo(value)} is not a number of years.") from None
+    else:
+        try:
+            age = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise MetadataError(f"Age {echo(value)} is not a number of years.") from None
+    if not math.isfinite(age):
+        raise MetadataError(
+            f"Age {echo(value)} is not a finite number of years; leave it blank if unknown."
+        )
     if not AGE_MIN <= age <= AGE_MAX:
         raise MetadataError(
             f"Age {age:g} is outside {AGE_MIN:g}-{AGE_MAX:g} years; leave it blank if unknown."
         )
-    return age
+    return age + 0.0  # -0.0 + 0.0 == +0.0
 
 
 def normalize_target(value: Any) -> str | None:
@@ -137,7 +150,7 @@ def normalize_target(value: Any) -> str | None:
         return None
     if token not in CLASSES:
         raise MetadataError(
-            f"Unknown explanation target {value!r}: expected one of {', '.join(CLASSES)}."
+            f"Unknown explanation target {echo(value)}: expected one of {', '.join(CLASSES)}."
         )
     return token
 

@@ -1,6 +1,7 @@
-"""Prediction history: SQLAlchemy models, migrations, queries and the prediction service.
+"""Prediction history: SQLAlchemy models, migrations and queries — rows and bytes only.
 
-Importing :mod:`db` does not import torch; the service lives in :mod:`db.service`.
+``db`` never imports ``model``: the prediction service that fills it lives above both, in
+:mod:`service.prediction`. Importing :mod:`db` does not import torch.
 """
 
 from db.models import Base, PredictionRecord

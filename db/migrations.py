@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -73,7 +74,7 @@ def add_column(conn: Connection, table: str, column: Column) -> None:
     quote = conn.dialect.identifier_preparer.quote
     sql = f"ALTER TABLE {quote(table)} ADD COLUMN {quote(column.name)} {col_type}"
     if column.server_default is not None:
-        sql += f" DEFAULT {column.server_default.arg}"
+        sql += f" DEFAULT {cast(Any, column.server_default).arg}"
     conn.exec_driver_sql(sql)
 
 
@@ -145,6 +146,15 @@ def current_version(engine: Engine) -> int:
         return max(applied_versions(conn), default=0)
 
 
+def _up_to_date(engine: Engine, migrations: list[Migration]) -> bool:
+    """True when every migration is recorded (checked in a read-only transaction)."""
+    with engine.connect() as conn:
+        done = applied_versions(conn)
+    return all(m.version in done for m in migrations) and max(done, default=0) <= latest_version(
+        migrations
+    )
+
+
 def migrate(engine: Engine, migrations: list[Migration] | None = None) -> list[int]:
     """Apply the pending migrations in one transaction; returns the versions applied (often [])."""
     migrations = list(MIGRATIONS if migrations is None else migrations)
@@ -152,6 +162,8 @@ def migrate(engine: Engine, migrations: list[Migration] | None = None) -> list[i
     if versions != sorted(set(versions)):
         raise RuntimeError(f"migration versions must be unique and increasing: {versions}")
     applied: list[int] = []
+    if _up_to_date(engine, migrations):
+        return applied  # nothing is written, so a read-only database opens too
     with engine.connect() as conn:
         conn.execution_options(sqlite_immediate=True)
         with conn.begin():

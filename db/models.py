@@ -4,25 +4,22 @@ One row per prediction: what was asked (image hash and size, optional thumbnail,
 site), what the model answered (calibrated probabilities, top class, heatmap, metadata
 contributions, warnings) and which model answered (name, version, weights hash).
 
+Rows hold plain values and bytes: encoding images (thumbnail JPEG, heatmap PNG) and serialising
+rows (JSON, CSV, tables) happen above, in :mod:`service.render` and :mod:`service.history`.
+
 The schema is created and changed only by :mod:`db.migrations`; ``tests/test_db.py`` checks that a
 migrated database matches these classes, so a model change without a migration fails the tests.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 from datetime import UTC, datetime
-from typing import Any
 
-import numpy as np
 from sqlalchemy import JSON, DateTime, Float, Index, Integer, LargeBinary, String
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
-
-from data_pipeline.schema import CLASS_NAMES
 
 
 def utcnow() -> datetime:
@@ -104,71 +101,7 @@ class PredictionRecord(Base):
             f"class={self.predicted_class}, p={self.predicted_probability:.3f})"
         )
 
-    def _not_loaded(self, name: str) -> bool:
+    def not_loaded(self, name: str) -> bool:
         """True for a column left out of the query (see ``query_predictions(images=False)``)."""
         state = sa_inspect(self)
-        return state.has_identity and name in state.unloaded
-
-    def heatmap_array(self) -> np.ndarray | None:
-        """The stored heatmap as an (H, W) float32 array in [0, 1], or None."""
-        if self.heatmap_png is None:
-            return None
-        from model.render import heatmap_from_png
-
-        return heatmap_from_png(self.heatmap_png)
-
-    def thumbnail_array(self) -> np.ndarray | None:
-        """The stored thumbnail as an RGB uint8 array, or None (privacy flag off)."""
-        if self.thumbnail is None:
-            return None
-        from PIL import Image
-
-        return np.asarray(Image.open(io.BytesIO(self.thumbnail)).convert("RGB"), dtype=np.uint8)
-
-    def to_dict(
-        self, include_heatmap: bool = False, include_thumbnail: bool = False
-    ) -> dict[str, Any]:
-        """JSON-friendly dict. Binary fields become base64 strings when asked for
-        (``heatmap_png_base64``, ``thumbnail_jpeg_base64``; None when absent)."""
-        created = self.created_at
-        d: dict[str, Any] = {
-            "id": self.id,
-            "created_at": as_utc(created).isoformat() if created is not None else None,
-            "image_sha256": self.image_sha256,
-            "image_width": self.image_width,
-            "image_height": self.image_height,
-            "age": self.age,
-            "sex": self.sex,
-            "site": self.site,
-            "predicted_class": self.predicted_class,
-            "predicted_class_name": CLASS_NAMES.get(self.predicted_class, self.predicted_class),
-            "predicted_probability": self.predicted_probability,
-            "probabilities": dict(self.probabilities or {}),
-            "attribution_target": self.attribution_target,
-            "metadata_contributions": (
-                dict(self.metadata_contributions)
-                if self.metadata_contributions is not None
-                else None
-            ),
-            "warnings": list(self.warnings or []),
-            "ood_distance": self.ood_distance,
-            "model_name": self.model_name,
-            "model_version": self.model_version,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "latency_ms": self.latency_ms,
-        }
-        # Binary columns left out of the query (images=False) are reported as None (unknown).
-        for key, attr, include in (
-            ("heatmap", "heatmap_png", include_heatmap),
-            ("thumbnail", "thumbnail", include_thumbnail),
-        ):
-            skipped = self._not_loaded(attr)
-            d[f"has_{key}"] = None if skipped else getattr(self, attr) is not None
-            if include:
-                suffix = "png" if key == "heatmap" else "jpeg"
-                d[f"{key}_{suffix}_base64"] = None if skipped else _b64(getattr(self, attr))
-        return d
-
-
-def _b64(data: bytes | None) -> str | None:
-    return None if data is None else base64.b64encode(data).decode("ascii")
+        return bool(state.has_identity and name in state.unloaded)

@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.orm import Session, defer
 
 from common.errors import DermError
+from common.text import clip, echo
 from data_pipeline.schema import CLASSES, normalize_age, normalize_sex, normalize_site
 from db.models import PredictionRecord, as_utc
 
@@ -22,7 +23,7 @@ from db.models import PredictionRecord, as_utc
 MAX_LIMIT = 10_000
 
 
-def parse_date(value: str | date | datetime, what: str = "date") -> date | datetime:
+def parse_date(value: object, what: str = "date") -> date | datetime:
     """``YYYY-MM-DD`` → date; a full ISO datetime (``2026-01-01T12:00``) → datetime."""
     if isinstance(value, (date, datetime)):
         return value
@@ -32,7 +33,7 @@ def parse_date(value: str | date | datetime, what: str = "date") -> date | datet
             return date.fromisoformat(text)
         return datetime.fromisoformat(text)
     except ValueError:
-        raise DermError(f"Bad {what} {value!r}: use YYYY-MM-DD.") from None
+        raise DermError(f"Bad {what} {echo(value)}: use YYYY-MM-DD.") from None
 
 
 def _start(value: date | datetime) -> datetime:
@@ -48,10 +49,10 @@ def _prob(value: Any, name: str) -> float | None:
         p = float(value)
     except (TypeError, ValueError):
         raise DermError(
-            f"{name} {value!r} is not a number: use a probability from 0 to 1."
+            f"{name} {echo(value)} is not a number: use a probability from 0 to 1."
         ) from None
     if math.isnan(p) or not 0.0 <= p <= 1.0:
-        raise DermError(f"{name} {value!r} is outside 0-1: use a probability from 0 to 1.")
+        raise DermError(f"{name} {echo(value)} is outside 0-1: use a probability from 0 to 1.")
     return p
 
 
@@ -84,8 +85,10 @@ class HistoryFilter:
         self.since = None if _blank(self.since) else parse_date(self.since, "since date")
         self.until = None if _blank(self.until) else parse_date(self.until, "until date")
         if self.since is not None and self.until is not None:
-            start, bound = _start(self.since), self._until_bound()
-            if start > bound or (start == bound and not isinstance(self.until, datetime)):
+            start, bound = self._since_start(), self._until_bound()
+            if bound is not None and (
+                start > bound or (start == bound and not isinstance(self.until, datetime))
+            ):
                 raise DermError(
                     f"The since date {self.since} is after the until date {self.until}."
                 )
@@ -97,7 +100,8 @@ class HistoryFilter:
                 code = token.strip().lower()
                 if code not in CLASSES:
                     raise DermError(
-                        f"Unknown diagnosis class {token!r}: expected one of {', '.join(CLASSES)}."
+                        f"Unknown diagnosis class {echo(token)}: "
+                        f"expected one of {', '.join(CLASSES)}."
                     )
                 if code not in classes:
                     classes.append(code)
@@ -123,23 +127,32 @@ class HistoryFilter:
 
         self.model_version = None if _blank(self.model_version) else str(self.model_version).strip()
 
-    def _until_bound(self) -> datetime:
-        """Exclusive upper bound for a date, inclusive instant for a datetime (see conditions)."""
-        assert self.until is not None
+    def _since_start(self) -> datetime:
+        assert isinstance(self.since, (date, datetime))  # parsed in __post_init__
+        return _start(self.since)
+
+    def _until_bound(self) -> datetime | None:
+        """Exclusive upper bound for a date, inclusive instant for a datetime (see conditions);
+        None when the day is the last one a datetime can hold (9999-12-31: no upper bound)."""
+        assert isinstance(self.until, (date, datetime))  # parsed in __post_init__
         if isinstance(self.until, datetime):
             return as_utc(self.until)
-        return _start(self.until) + timedelta(days=1)
+        try:
+            return _start(self.until) + timedelta(days=1)
+        except OverflowError:
+            return None
 
     def conditions(self) -> list[ColumnElement[bool]]:
         P = PredictionRecord
         out: list[ColumnElement[bool]] = []
         if self.since is not None:
-            out.append(P.created_at >= _start(self.since))
-        if self.until is not None:
+            out.append(P.created_at >= self._since_start())
+        bound = self._until_bound() if self.until is not None else None
+        if bound is not None:
             if isinstance(self.until, datetime):
-                out.append(P.created_at <= self._until_bound())
+                out.append(P.created_at <= bound)
             else:
-                out.append(P.created_at < self._until_bound())
+                out.append(P.created_at < bound)
         if self.classes:
             out.append(P.predicted_class.in_(self.classes))
         if self.min_prob is not None:
@@ -175,15 +188,16 @@ class HistoryFilter:
         ):
             value = getattr(self, name)
             if value not in (None, []):
-                parts.append(f"{name}={','.join(value) if isinstance(value, list) else value}")
+                shown = ",".join(value) if isinstance(value, list) else str(value)
+                parts.append(f"{name}={clip(shown)}")
         return " ".join(parts) or "no filter"
 
 
 def _check_page(limit: int, offset: int) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise DermError(f"Limit {limit!r} must be a whole number from 1 to {MAX_LIMIT}.")
+        raise DermError(f"Limit {echo(limit)} must be a whole number from 1 to {MAX_LIMIT}.")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise DermError(f"Offset {offset!r} must be a whole number ≥ 0.")
+        raise DermError(f"Offset {echo(offset)} must be a whole number ≥ 0.")
 
 
 def _filtered(stmt: Select, f: HistoryFilter | None) -> Select:

@@ -9,23 +9,46 @@ get WAL journaling, a 30 s busy timeout and foreign keys on every connection, an
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from common.errors import DermError
+from common.errors import DatabaseError, DermError
 
 DEFAULT_DB_URL = "sqlite:///predictions.db"
 DB_URL_ENV = "SKIN_DB_URL"
 #: Seconds a SQLite connection waits for another writer before giving up.
 SQLITE_TIMEOUT_S = 30
+#: Optional dependency groups (``pip install -e ".[NAME]"``) holding a backend's driver.
+DRIVER_EXTRAS = {"postgresql": "postgres"}
+
+
+def error_reason(exc: BaseException) -> str:
+    """The first line of the driver's message (e.g. "database is locked"), without SQL."""
+    if isinstance(exc, DermError):
+        if isinstance(exc.__cause__, SQLAlchemyError):
+            return error_reason(exc.__cause__)
+        return str(exc)
+    return (str(getattr(exc, "orig", None) or exc).splitlines() or [type(exc).__name__])[0]
+
+
+def missing_driver(url: URL, exc: ImportError) -> DatabaseError:
+    """One sentence naming the missing driver module and how to install it."""
+    backend = url.get_backend_name()
+    module = exc.name or str(exc)
+    extra = DRIVER_EXTRAS.get(backend)
+    fix = f'pip install -e ".[{extra}]"' if extra else f"pip install {module}"
+    return DatabaseError(
+        f"The database driver for {url.drivername} ({module}) is not installed: run {fix}."
+    )
 
 
 def resolve_db_url(url: str | None = None) -> str:
@@ -68,8 +91,10 @@ def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_TIMEOUT_S * 1000}")
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # A read-only file keeps its journal mode; reading it must still work.
+        with suppress(sqlite3.OperationalError):
+            cursor.execute("PRAGMA journal_mode=WAL")
     finally:
         cursor.close()
 
@@ -86,7 +111,10 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     resolved = resolve_db_url(url)
     u = parse_url(resolved)
     if u.get_backend_name() != "sqlite":
-        return create_engine(u, **kwargs)
+        try:
+            return create_engine(u, **kwargs)
+        except ImportError as exc:
+            raise missing_driver(u, exc) from None
     connect_args = {"check_same_thread": False, "timeout": SQLITE_TIMEOUT_S}
     connect_args.update(kwargs.pop("connect_args", {}))
     if _is_memory(u):
@@ -105,7 +133,9 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
 class Database:
     """An engine plus a session factory; the schema is migrated when it is opened."""
 
-    def __init__(self, url: str | None = None, *, migrate: bool = True, **engine_kwargs: Any):
+    def __init__(
+        self, url: str | None = None, *, migrate: bool = True, **engine_kwargs: Any
+    ) -> None:
         self.url = resolve_db_url(url)
         self.engine = make_engine(self.url, **engine_kwargs)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
@@ -113,18 +143,42 @@ class Database:
             self.migrate()
 
     def migrate(self) -> list[int]:
-        """Apply pending schema migrations; returns the versions applied."""
+        """Apply pending schema migrations; returns the versions applied.
+
+        An up-to-date database is only read, so a read-only file can still be browsed."""
         from db.migrations import migrate
 
-        return migrate(self.engine)
+        try:
+            return migrate(self.engine)
+        except SQLAlchemyError as exc:
+            self.engine.dispose()
+            raise self.error("cannot be opened", exc) from None
+
+    def error(self, what: str, exc: BaseException) -> DatabaseError:
+        """A one-sentence :class:`DatabaseError` about this database."""
+        reason = error_reason(exc)
+        hint = ""
+        if "readonly" in reason or "read-only" in reason:
+            hint = " Check the file's permissions, or point --db at a writable database."
+        elif "locked" in reason:
+            hint = " Another program holds a lock on it; try again in a moment."
+        return DatabaseError(f"The history database {self.display_url} {what}: {reason}.{hint}")
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session that commits on success and rolls back on any exception."""
-        session = self.Session()
+        """A session that commits on success and rolls back on any exception; database failures
+        (down, locked, read-only, corrupt) become a :class:`DatabaseError`."""
+        try:
+            session = self.Session()
+        except SQLAlchemyError as exc:
+            raise self.error("cannot be used", exc) from None
         try:
             yield session
             session.commit()
+        except SQLAlchemyError as exc:
+            with suppress(SQLAlchemyError):
+                session.rollback()
+            raise self.error("cannot be used", exc) from exc
         except BaseException:
             session.rollback()
             raise

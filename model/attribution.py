@@ -76,3 +76,16 @@ def metadata_contributions(
             meta, baselines=baseline, feature_mask=_field_mask().to(meta.device)
         )
     return {field: float(attr[0, FIELD_SLICES[field].start]) for field in FIELDS}
+
+
+def resize_heatmap(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a [0, 1] heatmap from the model's input grid to ``shape`` (H, W) in one step.
+
+    Every displayed or stored heatmap is made from the Grad-CAM grid by this one call, never by
+    resizing an already resized map."""
+    import cv2
+
+    h, w = shape
+    if heat.shape[:2] == (h, w):
+        return heat.astype(np.float32, copy=False)
+    return np.clip(cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)

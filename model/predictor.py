@@ -1,7 +1,8 @@
-"""The predictor: checkpoint + image + optional metadata → calibrated probabilities (+ explanations).
+"""The predictor: checkpoint + image + optional metadata → calibrated probabilities + explanations.
 
 Usable without any UI (FSDL style): the CLIs, the history service and the Gradio app all call
-:meth:`Predictor.predict`. Preprocessing comes from the checkpoint's config, never re-declared.
+:meth:`Predictor.predict` with a :class:`data_pipeline.request.PredictionRequest`, which was
+validated once at the edge. Preprocessing comes from the checkpoint's config, never re-declared.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.images import ImageSource, load_rgb
-from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT, Metadata, normalize_target
+from data_pipeline.images import ImageSource
+from data_pipeline.request import PredictionRequest
+from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT, Metadata
 from data_pipeline.transforms import ImageTransform, crop_to_aspect
-from model.attribution import gradcam, metadata_contributions
+from model.attribution import gradcam, metadata_contributions, resize_heatmap
 from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
 from model.engine import tta_logits
+from model.network import Network
 from model.ood import OOD_FILE, FeatureDistance
 
 #: Below this calibrated top-class probability a prediction is flagged as low confidence.
@@ -38,6 +41,7 @@ class Prediction:
     latency_ms: float = 0.0
     heatmap: np.ndarray | None = None  # (H, W) float32 in [0, 1] over ``image``
     image: np.ndarray | None = None  # the RGB image the heatmap refers to (aspect-cropped)
+    heatmap_grid: np.ndarray | None = None  # Grad-CAM on the model's input grid, before resizing
     metadata_contributions: dict[str, float] | None = None
     attribution_target: str | None = None
     ood_distance: float | None = None
@@ -87,7 +91,9 @@ class Prediction:
 class Predictor:
     """Loads a self-describing checkpoint once and serves predictions (thread-safe for reads)."""
 
-    def __init__(self, model, config: CheckpointConfig, folder: Path, device: str = "cpu") -> None:
+    def __init__(
+        self, model: Network, config: CheckpointConfig, folder: Path, device: str = "cpu"
+    ) -> None:
         self.model = model.eval()
         self.config = config
         self.folder = folder
@@ -112,68 +118,82 @@ class Predictor:
     def uses_metadata(self) -> bool:
         return self.config.model.use_metadata
 
-    def preprocess(self, image: ImageSource) -> tuple[np.ndarray, torch.Tensor]:
-        """Decode + crop to the training aspect → (RGB array shown to users, model input batch)."""
-        rgb = crop_to_aspect(load_rgb(image), self.config.preprocessing.source_aspect)
-        return rgb, self.transform(rgb)[None].to(self.device)
+    def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """Crop a decoded image to the training aspect → (RGB array shown to users, model batch)."""
+        shown = crop_to_aspect(rgb, self.config.preprocessing.source_aspect)
+        return shown, self.transform(shown)[None].to(self.device)
 
     def predict(
         self,
-        image: ImageSource,
-        age: Any = None,
-        sex: Any = None,
-        site: Any = None,
+        request: PredictionRequest | ImageSource,
+        *,
         explain: bool = True,
-        target: str | None = None,
         tta: bool = False,
+        **fields: Any,
     ) -> Prediction:
-        """Validate inputs, predict, optionally explain. Raises ``DermError`` subclasses on bad
-        input (before any model work), so callers can show the message and store nothing."""
+        """Predict (and optionally explain) one validated :class:`PredictionRequest`.
+
+        For convenience a raw image plus ``age`` / ``sex`` / ``site`` / ``target`` keywords is
+        accepted too; it is turned into a request by :meth:`PredictionRequest.build`, the one place
+        that validates input.
+        """
+        if not isinstance(request, PredictionRequest):
+            request = PredictionRequest.build(request, **fields)
         t0 = time.perf_counter()
-        meta = Metadata.parse(age, sex, site)
-        target = normalize_target(target)
-        rgb, x = self.preprocess(image)
-        m = torch.as_tensor(meta.encode(), device=self.device)[None]
+        rgb, x = self.preprocess(request.rgb)
+        m = torch.as_tensor(request.metadata.encode(), device=self.device)[None]
         temperature = self.config.temperature
         with torch.no_grad():
             features = self.model.image_features(x)
             logits = tta_logits(self.model, x, m) if tta else self.model.head(features, m)
             probs = torch.softmax(logits / temperature, dim=1)[0].cpu().numpy()
         pred = Prediction(
-            probabilities={c: float(p) for c, p in zip(CLASSES, probs)},
-            metadata=meta,
+            probabilities={c: float(p) for c, p in zip(CLASSES, probs, strict=True)},
+            metadata=request.metadata,
             model_version=self.version,
             image=rgb,
         )
+        self._check_reliability(pred, features)
+        if explain:
+            tgt = CLASSES.index(request.target) if request.target else int(np.argmax(probs))
+            pred.attribution_target = CLASSES[tgt]
+            pred.metadata_contributions = metadata_contributions(
+                self.model, features, m, tgt, temperature
+            )
+            pred.heatmap_grid = gradcam(self.model, x, m, tgt)
+            pred.heatmap = resize_heatmap(pred.heatmap_grid, rgb.shape[:2])
+        pred.latency_ms = (time.perf_counter() - t0) * 1000.0
+        return pred
+
+    def _check_reliability(self, pred: Prediction, features: torch.Tensor) -> None:
+        """Append the out-of-distribution and low-confidence warnings."""
         if self.ood is not None:
             pred.ood_distance = float(self.ood.distance(features.cpu())[0])
             pred.ood_threshold = self.ood.threshold
             if pred.ood_distance > self.ood.threshold:
                 pred.warnings.append(
                     "Unreliable: this image is unlike the dermoscopy images the model was trained "
-                    f"on (feature distance {pred.ood_distance:.3f} > {self.ood.threshold:.3f}, the "
-                    "99th percentile of validation images)."
+                    f"on (feature distance {pred.ood_distance:.3f} > {self.ood.threshold:.3f}"
+                    f"{self._ood_threshold_meaning()})."
                 )
         if pred.top_probability < LOW_CONFIDENCE:
             pred.warnings.append(
                 f"Low confidence: the top class has probability {pred.top_probability:.0%} "
                 f"(< {LOW_CONFIDENCE:.0%})."
             )
-        if explain:
-            tgt = CLASSES.index(target) if target else int(np.argmax(probs))
-            pred.attribution_target = CLASSES[tgt]
-            pred.metadata_contributions = metadata_contributions(
-                self.model, features, m, tgt, temperature
-            )
-            heat = gradcam(self.model, x, m, tgt)
-            pred.heatmap = _resize_heatmap(heat, rgb.shape[:2])
-        pred.latency_ms = (time.perf_counter() - t0) * 1000.0
-        return pred
+
+    def _ood_threshold_meaning(self) -> str:
+        """ ", the 99th percentile of validation images" from the checkpoint's ``ood`` config."""
+        percentile = self.config.ood.get("percentile")
+        if percentile is None:
+            return ""
+        return f", the {ordinal(float(percentile))} percentile of validation images"
 
 
-def _resize_heatmap(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resize a [0, 1] heatmap from the model's input grid to the displayed image."""
-    import cv2
-
-    h, w = shape
-    return np.clip(cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+def ordinal(value: float) -> str:
+    """99 → "99th", 1 → "1st", 99.5 → "99.5th"."""
+    if value != int(value):
+        return f"{value:g}th"
+    n = int(value)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"

@@ -57,7 +57,7 @@ def map_state_dict_in_order(
             f"Pretrained file has {len(source_items)} tensors, backbone needs {len(target_items)}."
         )
     mapped: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for (tk, tv), (sk, sv) in zip(target_items, source_items):
+    for (tk, tv), (sk, sv) in zip(target_items, source_items, strict=False):
         if tuple(tv.shape) != tuple(sv.shape):
             raise WeightsError(
                 f"Pretrained tensor {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}."
@@ -104,7 +104,7 @@ def create_backbone(backbone: str, pretrained: bool) -> nn.Module:
         return model
     try:
         return timm.create_model(backbone, pretrained=True, num_classes=0)
-    except Exception as exc:  # noqa: BLE001 - hub failures come in many types
+    except Exception as exc:
         raise WeightsError(
             f"Could not download ImageNet weights for {backbone!r} ({type(exc).__name__}: {exc}). "
             "Without network use tf_efficientnet_lite0 (weights ship with the package) or pass "

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from common.cli import run_cli
 from common.errors import DataError
 from data_pipeline.ham10000 import load_metadata, verify_images
 from data_pipeline.report import class_split_table, metadata_summary, sample_grid
@@ -27,7 +28,6 @@ from data_pipeline.splits import (
     save_splits,
 )
 from model.train import DEFAULT_SPLITS
-from common.cli import run_cli
 
 
 def choose_splits(df, splits_path: Path | None, seed: int):

@@ -6,7 +6,7 @@
     python -m scripts.predict a.jpg --json --heatmap-dir out/      # JSON + overlay/chart PNGs
 
 Any subset of age / sex / site may be given. Without --db nothing is stored. A bad image among
-several is reported and skipped; the exit code is then 2. Research/education only — not a
+several is reported and skipped; the exit code is then 2. Research and education only — not a
 diagnosis.
 """
 
@@ -16,13 +16,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.errors import DermError
-from data_pipeline.schema import CLASS_NAMES, Metadata, normalize_target
 from common.cli import run_cli
+from common.errors import DermError
+from common.text import DISCLAIMER
+from data_pipeline.schema import CLASS_NAMES, Metadata, normalize_target
 
-DISCLAIMER = "Research/education only — not a diagnosis."
+if TYPE_CHECKING:  # the model stack is imported only after the fields are validated
+    from model.predictor import Prediction
+    from service.prediction import StoredPrediction
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +71,7 @@ def _pct(p: float) -> str:
     return f"{100.0 * p:5.1f}%"
 
 
-def format_text(path: str, pred: Any, row_id: int | None, db_url: str | None) -> str:
+def format_text(path: str, pred: Prediction, row_id: int | None, db_url: str | None) -> str:
     meta = pred.metadata
     age = "unknown" if meta.age is None else f"{meta.age:g}"
     lines = [
@@ -92,8 +95,8 @@ def format_text(path: str, pred: Any, row_id: int | None, db_url: str | None) ->
     return "\n".join(lines)
 
 
-def write_heatmaps(out_dir: Path, path: str, pred: Any, used: set[str]) -> list[Path]:
-    from model.render import contributions_chart, overlay_heatmap, to_png
+def write_heatmaps(out_dir: Path, path: str, pred: Prediction, used: set[str]) -> list[Path]:
+    from service.render import contributions_chart, overlay_heatmap, to_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(path).stem or "image"
@@ -114,60 +117,69 @@ def write_heatmaps(out_dir: Path, path: str, pred: Any, used: set[str]) -> list[
     return written
 
 
+def _report(
+    args: argparse.Namespace,
+    path: str,
+    stored: StoredPrediction,
+    db_url: str | None,
+    used: set[str],
+) -> dict[str, Any] | None:
+    """Print one result as text (returns None), or return it as a JSON-ready dict."""
+    pred, row_id = stored.prediction, stored.id
+    written = write_heatmaps(Path(args.heatmap_dir), path, pred, used) if args.heatmap_dir else []
+    if args.json:
+        d = {"image": path, **pred.to_dict()}
+        if row_id is not None:
+            d["id"] = row_id
+        if written:
+            d["files"] = [str(p) for p in written]
+        return d
+    print(format_text(path, pred, row_id, db_url))
+    for p in written:
+        print(f"  wrote {p}")
+    print()
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Fail fast on bad metadata / target before loading the model.
-    Metadata.parse(args.age, args.sex, args.site)
+    # Validate the shared fields once, before the model is loaded; each image is then read,
+    # hashed and decoded once into a request.
+    metadata = Metadata.parse(args.age, args.sex, args.site)
     target = normalize_target(args.target)
 
-    from db.service import PredictionService
+    from data_pipeline.request import PredictionRequest
     from db.session import Database
     from model.predictor import Predictor
+    from service.prediction import PredictionService
 
     # One code path with or without --db: the service predicts and, given a database, stores.
-    predictor = Predictor.from_checkpoint(args.checkpoint)
+    db = Database(args.db) if args.db else None
     service = PredictionService(
-        predictor, Database(args.db) if args.db else None, store_images=not args.no_store_images
+        Predictor.from_checkpoint(args.checkpoint), db, store_images=not args.no_store_images
     )
-
     results: list[dict[str, Any]] = []
     failed = 0
     used_names: set[str] = set()
     try:
         for path in args.images:
             try:
-                stored = service.predict_and_store(
-                    path, args.age, args.sex, args.site, target=target, tta=args.tta
-                )
-                pred, row_id = stored.prediction, stored.id
+                request = PredictionRequest.for_image(path, metadata, target)
+                stored = service.predict_and_store(request, tta=args.tta)
             except DermError as exc:
                 failed += 1
                 print(f"error: {exc}", file=sys.stderr)
                 continue
-            written = []
-            if args.heatmap_dir:
-                written = write_heatmaps(Path(args.heatmap_dir), path, pred, used_names)
-            if args.json:
-                d = {"image": path, **pred.to_dict()}
-                if row_id is not None:
-                    d["id"] = row_id
-                if written:
-                    d["files"] = [str(p) for p in written]
+            d = _report(args, path, stored, db.display_url if db else None, used_names)
+            if d is not None:
                 results.append(d)
-            else:
-                print(
-                    format_text(path, pred, row_id, service.db.display_url if service.db else None)
-                )
-                for p in written:
-                    print(f"  wrote {p}")
-                print()
     finally:
         service.close()
 
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(f"model: {predictor.version}")
+        print(f"model: {service.predictor.version}")
         print(DISCLAIMER)
     if failed:
         print(

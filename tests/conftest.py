@@ -87,7 +87,7 @@ def write_synthetic_ham(
     return root
 
 
-@pytest.fixture()
+@pytest.fixture
 def synthetic_ham(tmp_path: Path) -> Path:
     return write_synthetic_ham(tmp_path / "ham")
 

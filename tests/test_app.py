@@ -25,8 +25,10 @@ from app import frontend, views
 from app.__main__ import build_parser, launch, main, parse_auth
 from app.frontend import EXAMPLES_DIR, make_frontend
 from common.errors import DermError
+from common.text import DISCLAIMER
 from data_pipeline.schema import CLASS_NAMES, CLASSES
-from db.service import PredictionService
+from service import history
+from service.prediction import PredictionService
 
 EXAMPLE = EXAMPLES_DIR / "ISIC_0029281.jpg"
 
@@ -55,7 +57,7 @@ def app(tiny_checkpoint, tmp_path_factory):
     service.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def files(tmp_path: Path) -> Path:
     return tmp_path
 
@@ -79,10 +81,10 @@ def test_predict_with_metadata_returns_probabilities_and_stores_one_row(app):
     label, alerts, overlay, chart, info, result = predict(app.client, EXAMPLE, 35, "female", "back")
 
     confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
-    assert set(confidences) == {views.class_label(c) for c in CLASSES}
-    assert all(CLASS_NAMES[c] in views.class_label(c) for c in CLASSES)
+    assert set(confidences) == {history.class_label(c) for c in CLASSES}
+    assert all(CLASS_NAMES[c] in history.class_label(c) for c in CLASSES)
     assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-4)
-    assert label["label"] == views.class_label(result["top_class"])
+    assert label["label"] == history.class_label(result["top_class"])
 
     assert app.service.count() == before + 1
     row_id = result["prediction_id"]
@@ -95,7 +97,7 @@ def test_predict_with_metadata_returns_probabilities_and_stores_one_row(app):
     shown = np.asarray(Image.open(overlay))
     assert shown.ndim == 3 and shown.shape[2] == 3 and min(shown.shape[:2]) >= 32
     assert Image.open(chart).size[0] > 100
-    assert views.DISCLAIMER in alerts
+    assert DISCLAIMER in alerts
 
 
 def test_predict_without_metadata(app):
@@ -143,7 +145,7 @@ def _gray16_png(path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "make, name",
+    ("make", "name"),
     [(_cmyk_jpeg, "cmyk.jpg"), (_rgba_png, "rgba.png"), (_gray16_png, "gray16.png")],
 )
 def test_unusual_image_modes_are_converted_not_refused(app, files, make, name):
@@ -156,7 +158,7 @@ def test_unusual_image_modes_are_converted_not_refused(app, files, make, name):
     assert (record.image_width, record.image_height) == (200, 150)
 
 
-# --- refused inputs --------------------------------------------------------------------------------
+# --- refused inputs -------------------------------------------------------------------------------
 
 
 def _text_file(d: Path) -> Path:
@@ -235,7 +237,7 @@ def test_storage_failure_is_shown_not_hidden(app, monkeypatch):
     assert app.service.count() == before
 
 
-# --- history ---------------------------------------------------------------------------------------
+# --- history --------------------------------------------------------------------------------------
 
 
 def test_history_filter_table_csv_and_detail(app):
@@ -247,7 +249,7 @@ def test_history_filter_table_csv_and_detail(app):
     )
     ids = [r[0] for r in table["data"]]
     assert row_id in ids and ids == sorted(ids, reverse=True)
-    assert table["headers"] == views.HISTORY_COLUMNS
+    assert table["headers"] == history.TABLE_COLUMNS
     n = app.service.count({"classes": [top], "sex": "male", "site": "scalp"})
     assert f"**{n}** matching" in summary
 
@@ -261,14 +263,14 @@ def test_history_filter_table_csv_and_detail(app):
     shown_id, image, detail, probs = app.client.predict(row_id, api_name="/history_item")
     assert shown_id == str(row_id) and f"Prediction #{row_id}" in detail
     assert "age 77" in detail and "body site scalp" in detail
-    assert probs["label"] == views.class_label(top)
+    assert probs["label"] == history.class_label(top)
     assert np.asarray(Image.open(image)).shape[2] == 3
 
     # A day range that excludes today finds nothing (and still gives a CSV with a header).
     table, summary, csv_path = app.client.predict(
         "2000-01-01", "2000-12-31", [], 0, "any", "any", api_name="/history"
     )
-    assert table["data"] in ([], [[""] * len(views.HISTORY_COLUMNS)]) or not any(
+    assert table["data"] in ([], [[""] * len(history.TABLE_COLUMNS)]) or not any(
         r[0] for r in table["data"]
     )
     assert "No stored predictions match" in summary
@@ -290,7 +292,7 @@ def test_history_csv_holds_every_row_beyond_the_table(app, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "since, until, message",
+    ("since", "until", "message"),
     [
         ("2025-13-45", "", "Bad since date"),
         ("yesterday", "", "use YYYY-MM-DD"),
@@ -304,7 +306,7 @@ def test_history_bad_filter_is_explained(app, since, until, message):
 
 
 @pytest.mark.parametrize(
-    "value, message",
+    ("value", "message"),
     [
         (987654, "No stored prediction has id 987654"),
         ("abc", "is not a whole number"),
@@ -317,13 +319,13 @@ def test_history_item_bad_id(app, value, message):
     assert message in str(info.value)
 
 
-# --- About tab ---------------------------------------------------------------------------------------
+# --- About tab ------------------------------------------------------------------------------------
 
 
 def test_model_card_without_metrics_renders(app):
     card = views.model_card_markdown(app.service.predictor.config)
     assert "No evaluation metrics are stored" in card
-    assert views.DISCLAIMER in card and "HAM10000" in card and "Lesion-grouped" in card
+    assert DISCLAIMER in card and "HAM10000" in card and "Lesion-grouped" in card
     assert "200×150" in card and "fair-skinned" in card and "Only 7 classes" in card
 
 
@@ -357,7 +359,7 @@ def test_model_card_with_metrics_shows_them_and_the_command(app):
     assert "No evaluation metrics" not in card
 
 
-# --- launching: --auth, --share, ports -----------------------------------------------------------------
+# --- launching: --auth, --share, ports ------------------------------------------------------------
 
 
 def test_parse_auth():
@@ -390,6 +392,7 @@ def test_auth_protects_the_app(app, tiny_checkpoint):
         demo.close()
 
 
+@pytest.mark.slow
 def test_share_offline_keeps_serving_locally(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """Real Gradio share code path, with the share server made unreachable (as offline): the CLI
     prints that no link could be made, warns about the missing --auth, and serves locally."""
@@ -448,7 +451,7 @@ def test_port_in_use_is_a_clear_error(app):
 
 
 def test_csv_writer_handles_no_rows(tmp_path):
-    out = views.write_history_csv([], tmp_path / "h.csv")
+    out = history.write_csv([], tmp_path / "h.csv")
     header = next(csv.reader(io.StringIO(out.read_text())))
     assert header[:3] == ["id", "created_at", "predicted_class"]
     assert [f"p_{c}" for c in CLASSES] == [h for h in header if h.startswith("p_")]
@@ -477,3 +480,42 @@ def test_missing_checkpoint_is_a_clear_cli_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "is not a checkpoint folder" in err
+
+
+def test_model_card_reads_sources_geometry_and_ood_from_the_config(app):
+    """Newer checkpoints record their data sources and geometry; the card uses them, not code."""
+    from copy import deepcopy
+
+    cfg = deepcopy(app.service.predictor.config)
+    cfg.preprocessing = SimpleNamespace(
+        width=224,
+        height=224,
+        source_aspect=1.0,
+        geometry={"crop": "centre square", "source_size": [600, 450]},
+        color_constancy="shades of grey (p=6)",
+    )
+    cfg.training = {
+        "sources": [
+            {
+                "name": "HAM10000",
+                "role": "train",
+                "n_images": 10015,
+                "classes": list(CLASSES),
+                "citation": "Tschandl et al. 2018",
+            },
+            {"name": "ISIC2017", "role": "external_val", "citation": "Codella et al. 2018"},
+        ]
+    }
+    cfg.ood = {"threshold": 0.5, "percentile": 95.0}
+    card = views.model_card_markdown(cfg)
+    assert "crop centre square" in card and "resized to 224×224 px" in card
+    assert "colour constancy: shades of grey (p=6)" in card
+    assert "600×450 px" in card and "200×150" not in card
+    assert "cropped to 4:3" not in card
+    assert "Tschandl et al. 2018" in card and "10015 images" in card
+    assert "**ISIC2017** (Codella et al. 2018), external validation" in card
+    assert "95th percentile" in card and "99th" not in card
+    assert views.training_dataset_name(cfg) == "HAM10000"
+    legacy = views.model_card_markdown(app.service.predictor.config)
+    assert "cropped to 4:3" in legacy and "10.1038/sdata.2018.161" in legacy
+    assert "99th percentile" in legacy

@@ -10,7 +10,7 @@ import torch
 from data_pipeline.schema import FIELD_SLICES, UNKNOWN_VECTOR, Metadata, blank_fields
 from model.attribution import gradcam, metadata_contributions
 from model.network import FusionNet, ModelConfig
-from model.render import contributions_chart, heatmap_from_png, heatmap_png, overlay_heatmap
+from service.render import contributions_chart, heatmap_from_png, heatmap_png, overlay_heatmap
 
 SIZE = 128
 PATCH = 40

@@ -22,8 +22,8 @@ import pytest
 from app.__main__ import launch
 from app.frontend import EXAMPLES_DIR, make_frontend
 from data_pipeline.schema import CLASS_NAMES, CLASSES
-from db.service import PredictionService
 from model.checkpoint import CONFIG_FILE, SHIPPED_DIR
+from service.prediction import PredictionService
 
 pytestmark = pytest.mark.browser
 

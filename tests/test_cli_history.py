@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.cli import run_cli
+from common.text import DISCLAIMER
 from data_pipeline.schema import CLASS_NAMES, CLASSES
 from db.session import DB_URL_ENV
 from scripts import predict, query_history
-from common.cli import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
-DISCLAIMER = "Research/education only — not a diagnosis."
 
 
-@pytest.fixture()
+@pytest.fixture
 def jpgs(synthetic_ham: Path) -> list[Path]:
     return sorted((synthetic_ham / "images").glob("*.jpg"))
 
@@ -284,6 +284,7 @@ def test_sql_text_in_model_version_filter_is_harmless(tmp_path, capsys):
     assert code == 0 and json.loads(out) == []  # the table is still there
 
 
+@pytest.mark.slow
 def test_real_subprocess_acceptance_flow(jpgs, tiny_checkpoint, tmp_path):
     env = subprocess_env()
     db_url = "sqlite:///h.db"  # relative: the file lands in the working directory

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import threading
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
@@ -24,6 +25,7 @@ from db.queries import (
     query_predictions,
 )
 from db.session import DB_URL_ENV, DEFAULT_DB_URL, Database, resolve_db_url, sqlite_path
+from service.history import record_dict
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
@@ -64,7 +66,7 @@ def make_row(**over) -> PredictionRecord:
     return PredictionRecord(**values)
 
 
-@pytest.fixture()
+@pytest.fixture
 def database(tmp_path: Path) -> Database:
     d = Database(f"sqlite:///{tmp_path / 'sub' / 'history.db'}")
     yield d
@@ -135,11 +137,11 @@ def test_created_at_is_utc_aware_and_converted(database: Database):
         assert row.created_at.tzinfo is not None and row.created_at.utcoffset() == timedelta(0)
         raw = s.execute(text("SELECT created_at FROM predictions")).scalar()
     assert str(raw).startswith("2026-03-10 12:00:00")
-    d = row.to_dict(include_heatmap=True)
+    d = record_dict(row, include_heatmap=True)
     assert d["created_at"] == "2026-03-10T12:00:00+00:00"
     assert base64.b64decode(d["heatmap_png_base64"]) == row.heatmap_png
     assert Image.open(io.BytesIO(base64.b64decode(d["heatmap_png_base64"]))).size == (8, 6)
-    assert "heatmap_png_base64" not in row.to_dict()
+    assert "heatmap_png_base64" not in record_dict(row)
 
 
 def test_default_created_at_is_now(database: Database):
@@ -291,7 +293,7 @@ def test_limit_offset_and_ordering(database: Database):
     assert ids(database, limit=2, offset=2) == [r[0], r[3]]
     assert ids(database, offset=4) == []
     for bad in ({"limit": 0}, {"limit": -1}, {"offset": -1}, {"limit": 10**9}):
-        with pytest.raises(DermError, match="Limit|Offset"):
+        with pytest.raises(DermError, match=r"Limit|Offset"):
             ids(database, **bad)
 
 
@@ -404,11 +406,33 @@ def test_listing_without_image_bytes(database: Database):
     (rid,) = insert(database, make_row(thumbnail=b"\xff\xd8jpeg"))
     with database.session() as s:
         (light,) = query_predictions(s, images=False)
-        d = light.to_dict(include_heatmap=True)
+        d = record_dict(light, include_heatmap=True)
         assert d["has_heatmap"] is None and d["heatmap_png_base64"] is None
         assert d["probabilities"] == {"nv": 0.6} and d["id"] == rid
         with pytest.raises(InvalidRequestError):
             _ = light.thumbnail  # never a silent extra query per row
     with database.session() as s:
         (full,) = query_predictions(s)
-        assert full.to_dict()["has_heatmap"] is True and full.thumbnail == b"\xff\xd8jpeg"
+        assert record_dict(full)["has_heatmap"] is True and full.thumbnail == b"\xff\xd8jpeg"
+
+
+#: A PostgreSQL database to run the round trip against, e.g. postgresql+psycopg://u:p@host/db.
+POSTGRES_URL_ENV = "DERMFUSION_POSTGRES_URL"
+
+
+@pytest.mark.postgres
+def test_postgres_round_trip():
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if not url:
+        pytest.skip(f"no PostgreSQL to test against: set {POSTGRES_URL_ENV}")
+    pytest.importorskip("psycopg", reason='needs the driver: pip install -e ".[postgres]"')
+    database = Database(url)
+    try:
+        with database.session() as s:
+            s.add(make_row(model_version="postgres-test"))
+        f = HistoryFilter(model_version="postgres-test")
+        assert ids(database, f)
+        with database.session() as s:
+            s.execute(text("DELETE FROM predictions WHERE model_version = 'postgres-test'"))
+    finally:
+        database.dispose()

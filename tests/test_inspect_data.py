@@ -41,7 +41,7 @@ def test_inspect_text_report_and_written_splits(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "breakage,message",
+    ("breakage", "message"),
     [
         ("drop_column", "missing required column(s) lesion_id"),
         ("bad_dx", "unknown dx 'cancer'"),
@@ -70,6 +70,7 @@ def test_inspect_bad_inputs(tmp_path, capsys, breakage, message):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_inspect_subprocess_error_is_one_line(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "scripts.inspect_data", "--data-dir", str(tmp_path / "absent")],

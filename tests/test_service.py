@@ -14,12 +14,16 @@ from sqlalchemy import text
 
 from common.errors import DermError, ImageError, MetadataError
 from data_pipeline.images import load_rgb
+from data_pipeline.request import PredictionRequest
 from data_pipeline.schema import CLASSES
 from db.queries import HistoryFilter
-from db.service import PredictionService, StorageError, StoredPrediction, fit_size
 from db.session import Database
 from model.predictor import Predictor
-from model.render import heatmap_from_png
+from service.history import record_dict
+from service.prediction import PredictionService, StorageError, StoredPrediction
+from service.render import fit_size, heatmap_from_png, thumbnail_from_jpeg
+
+req = PredictionRequest.build
 
 
 def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (200, 150)) -> bytes:
@@ -40,7 +44,7 @@ def predictor(tiny_checkpoint: Path) -> Predictor:
     return Predictor.from_checkpoint(tiny_checkpoint)
 
 
-@pytest.fixture()
+@pytest.fixture
 def service(predictor: Predictor, tmp_path: Path) -> PredictionService:
     svc = PredictionService(predictor, Database(f"sqlite:///{tmp_path / 'history.db'}"))
     yield svc
@@ -49,7 +53,7 @@ def service(predictor: Predictor, tmp_path: Path) -> PredictionService:
 
 def test_round_trip_of_every_field(service: PredictionService, predictor: Predictor):
     data = jpeg_bytes(1)
-    out = service.predict_and_store(data, age="62", sex="M", site="Lower_Extremity")
+    out = service.predict_and_store(req(data, age="62", sex="M", site="Lower_Extremity"))
     assert isinstance(out, StoredPrediction) and out.stored and out.id == 1
     pred = out.prediction
     row = service.get(out.id)
@@ -79,16 +83,16 @@ def test_round_trip_of_every_field(service: PredictionService, predictor: Predic
     heat = heatmap_from_png(row.heatmap_png)
     assert heat.shape == fit_size(*pred.image.shape[:2]) == pred.heatmap.shape == (150, 200)
     assert np.abs(heat - pred.heatmap).max() <= 1 / 255 + 1e-6
-    assert np.array_equal(row.heatmap_array(), heat)
+    assert np.array_equal(heatmap_from_png(row.heatmap_png), heat)
     # Thumbnail: a JPEG of the same region, so the heatmap overlays it.
     assert Image.open(io.BytesIO(row.thumbnail)).format == "JPEG"
-    thumb = row.thumbnail_array()
+    thumb = thumbnail_from_jpeg(row.thumbnail)
     assert thumb.shape == (150, 200, 3)
     assert np.abs(thumb.astype(int) - pred.image.astype(int)).mean() < 20
 
     (listed,) = service.history()
-    assert listed.to_dict(include_heatmap=True) == row.to_dict(include_heatmap=True)
-    d = row.to_dict(include_heatmap=True, include_thumbnail=True)
+    assert record_dict(listed, include_heatmap=True) == record_dict(row, include_heatmap=True)
+    d = record_dict(row, include_heatmap=True, include_thumbnail=True)
     assert d["probabilities"] == pred.probabilities
     assert d["heatmap_png_base64"] and d["thumbnail_jpeg_base64"]
     assert d["predicted_class_name"]
@@ -97,11 +101,11 @@ def test_round_trip_of_every_field(service: PredictionService, predictor: Predic
 
 
 def test_large_image_is_stored_small(service: PredictionService):
-    out = service.predict_and_store(jpeg_bytes(2, size=(800, 600)))
+    out = service.predict_and_store(req(jpeg_bytes(2, size=(800, 600))))
     row = service.get(out.id)
     assert (row.image_width, row.image_height) == (800, 600)
-    assert row.thumbnail_array().shape == (192, 256, 3)
-    assert row.heatmap_array().shape == (192, 256)
+    assert thumbnail_from_jpeg(row.thumbnail).shape == (192, 256, 3)
+    assert heatmap_from_png(row.heatmap_png).shape == (192, 256)
     assert out.prediction.heatmap.shape == (600, 800)
 
 
@@ -109,12 +113,12 @@ def test_hash_of_path_and_of_pixels(service: PredictionService, tmp_path: Path):
     data = jpeg_bytes(3)
     path = tmp_path / "lesion.jpg"
     path.write_bytes(data)
-    by_path = service.get(service.predict_and_store(path).id)
-    by_str = service.get(service.predict_and_store(str(path)).id)
+    by_path = service.get(service.predict_and_store(req(path)).id)
+    by_str = service.get(service.predict_and_store(req(str(path))).id)
     assert by_path.image_sha256 == by_str.image_sha256 == hashlib.sha256(data).hexdigest()
     rgb = load_rgb(data)
-    by_array = service.get(service.predict_and_store(rgb).id)
-    by_pil = service.get(service.predict_and_store(Image.fromarray(rgb)).id)
+    by_array = service.get(service.predict_and_store(req(rgb)).id)
+    by_pil = service.get(service.predict_and_store(req(Image.fromarray(rgb))).id)
     assert by_array.image_sha256 == by_pil.image_sha256 == hashlib.sha256(rgb.tobytes()).hexdigest()
     assert by_array.probabilities == pytest.approx(by_path.probabilities, abs=1e-6)
 
@@ -123,27 +127,27 @@ def test_no_images_stored_with_privacy_flag(predictor: Predictor, tmp_path: Path
     svc = PredictionService(
         predictor, Database(f"sqlite:///{tmp_path / 'p.db'}"), store_images=False
     )
-    out = svc.predict_and_store(jpeg_bytes(4), age=40)
+    out = svc.predict_and_store(req(jpeg_bytes(4), age=40))
     row = svc.get(out.id)
-    assert row.thumbnail is None and row.thumbnail_array() is None
-    assert row.to_dict(include_thumbnail=True)["thumbnail_jpeg_base64"] is None
-    assert row.to_dict()["has_thumbnail"] is False
-    assert row.heatmap_array() is not None  # a coarse heatmap is not the image
+    assert row.thumbnail is None and thumbnail_from_jpeg(row.thumbnail) is None
+    assert record_dict(row, include_thumbnail=True)["thumbnail_jpeg_base64"] is None
+    assert record_dict(row)["has_thumbnail"] is False
+    assert heatmap_from_png(row.heatmap_png) is not None  # a coarse heatmap is not the image
     assert row.image_sha256 == hashlib.sha256(jpeg_bytes(4)).hexdigest()
     svc.close()
 
 
 def test_explanation_target(service: PredictionService):
-    out = service.predict_and_store(jpeg_bytes(5), target="MEL")
+    out = service.predict_and_store(req(jpeg_bytes(5), target="MEL"))
     row = service.get(out.id)
     assert row.attribution_target == out.prediction.attribution_target == "mel"
     with pytest.raises(DermError, match="Unknown explanation target 'cancer'"):
-        service.predict_and_store(jpeg_bytes(5), target="cancer")
+        service.predict_and_store(req(jpeg_bytes(5), target="cancer"))
 
 
 def test_service_without_database(predictor: Predictor):
     svc = PredictionService(predictor, None)
-    out = svc.predict_and_store(jpeg_bytes(6))
+    out = svc.predict_and_store(req(jpeg_bytes(6)))
     assert out.stored is False and out.id is None
     assert out.prediction.top_class in CLASSES
     with pytest.raises(DermError, match="no history database"):
@@ -153,7 +157,7 @@ def test_service_without_database(predictor: Predictor):
 def test_create_uses_url(tiny_checkpoint: Path, tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'deep' / 'created.db'}"
     svc = PredictionService.create(tiny_checkpoint, url, store_images=False)
-    out = svc.predict_and_store(jpeg_bytes(7), sex="female")
+    out = svc.predict_and_store(req(jpeg_bytes(7), sex="female"))
     assert (tmp_path / "deep" / "created.db").is_file()
     assert svc.get(out.id).sex == "female" and svc.store_images is False
     svc.close()
@@ -175,7 +179,7 @@ def test_create_uses_url(tiny_checkpoint: Path, tmp_path: Path):
 def test_invalid_input_stores_nothing(service: PredictionService, kwargs, error, message):
     image = kwargs.pop("image", jpeg_bytes(8))
     with pytest.raises(error, match=message) as info:
-        service.predict_and_store(image, **kwargs)
+        service.predict_and_store(req(image, **kwargs))
     assert isinstance(info.value, DermError)
     assert service.count() == 0
     with service.db.engine.connect() as conn:
@@ -184,13 +188,13 @@ def test_invalid_input_stores_nothing(service: PredictionService, kwargs, error,
 
 def test_missing_file_names_the_path(service: PredictionService, tmp_path: Path):
     missing = tmp_path / "nope.jpg"
-    with pytest.raises(ImageError, match="nope.jpg: no such image file"):
-        service.predict_and_store(missing)
+    with pytest.raises(ImageError, match=r"nope\.jpg: no such image file"):
+        service.predict_and_store(req(missing))
     assert service.count() == 0
 
 
 def test_database_failure_is_storage_error_and_writes_nothing(service: PredictionService):
-    service.predict_and_store(jpeg_bytes(9))
+    service.predict_and_store(req(jpeg_bytes(9)))
     with service.db.engine.begin() as conn:
         conn.exec_driver_sql(
             "CREATE TRIGGER reject AFTER INSERT ON predictions "
@@ -199,13 +203,13 @@ def test_database_failure_is_storage_error_and_writes_nothing(service: Predictio
     with pytest.raises(
         StorageError, match="Prediction made but could not be stored: disk says no"
     ) as info:
-        service.predict_and_store(jpeg_bytes(10))
+        service.predict_and_store(req(jpeg_bytes(10)))
     assert isinstance(info.value, DermError)
     assert info.value.prediction is not None and info.value.prediction.top_class in CLASSES
     assert service.count() == 1  # the failed row left no trace
     with service.db.engine.begin() as conn:
         conn.exec_driver_sql("DROP TRIGGER reject")
-    assert service.predict_and_store(jpeg_bytes(10)).stored
+    assert service.predict_and_store(req(jpeg_bytes(10))).stored
     assert service.count() == 2
 
 
@@ -214,7 +218,9 @@ def test_50_concurrent_predictions_one_sqlite_file(service: PredictionService):
     sites = ["back", "face", None, "trunk", "scalp"]
 
     def work(i: int) -> StoredPrediction:
-        return service.predict_and_store(images[i], age=20 + i, sex="female", site=sites[i % 5])
+        return service.predict_and_store(
+            req(images[i], age=20 + i, sex="female", site=sites[i % 5])
+        )
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(work, range(50)))
@@ -234,16 +240,16 @@ def test_50_concurrent_predictions_one_sqlite_file(service: PredictionService):
 
 
 def test_history_count_stats_with_filters(service: PredictionService):
-    service.predict_and_store(jpeg_bytes(11), age=30, sex="male", site="back")
-    service.predict_and_store(jpeg_bytes(12), age=70, sex="female", site="face")
-    service.predict_and_store(jpeg_bytes(13))
+    service.predict_and_store(req(jpeg_bytes(11), age=30, sex="male", site="back"))
+    service.predict_and_store(req(jpeg_bytes(12), age=70, sex="female", site="face"))
+    service.predict_and_store(req(jpeg_bytes(13)))
     assert [r.age for r in service.history()] == [None, 70.0, 30.0]  # newest first
     assert [r.sex for r in service.history(HistoryFilter(age_min=50))] == ["female"]
     assert [r.site for r in service.history({"sex": "male"})] == ["back"]
     assert len(service.history(limit=1, offset=1)) == 1
     light = service.history(images=False)
     assert [r.id for r in light] == [r.id for r in service.history()]
-    assert all(r.to_dict()["has_thumbnail"] is None for r in light)
+    assert all(record_dict(r)["has_thumbnail"] is None for r in light)
     assert service.count(HistoryFilter(site="back")) == 1
     version = service.predictor.version
     assert service.count(HistoryFilter(model_version=version)) == 3

@@ -1,0 +1,271 @@
+"""The one serializer of a history row, used by the app and ``scripts.query_history``.
+
+A stored :class:`db.models.PredictionRecord` becomes:
+
+- a JSON-friendly dict (:func:`record_dict`), optionally with the image bytes as base64;
+- a table row (:data:`TABLE_COLUMNS`, :func:`table_row`) for the app's table and the CLI's text;
+- a CSV row (:data:`CSV_COLUMNS`, :func:`csv_row`, :func:`write_csv`), every column a
+  researcher needs and no image bytes;
+- a detail view (:func:`detail_entries`), rendered as plain text (:func:`detail_text`) or as
+  Markdown with every stored value escaped (:func:`detail_markdown`).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import re
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+from data_pipeline.schema import CLASS_NAMES, CLASSES, FIELDS
+from db.models import PredictionRecord, as_utc
+
+
+def class_label(code: str) -> str:
+    """``Melanoma (mel)``: the full name first, the HAM10000 code for reference."""
+    return f"{CLASS_NAMES.get(code, code)} ({code})"
+
+
+def format_time(value: datetime | None) -> str:
+    """``YYYY-MM-DD HH:MM:SS`` in UTC."""
+    if value is None:
+        return ""
+    return as_utc(value).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_age(age: float | None) -> str:
+    return "" if age is None else f"{age:g}"
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+# --- JSON ----------------------------------------------------------------------------------------
+
+
+def record_dict(
+    r: PredictionRecord, include_heatmap: bool = False, include_thumbnail: bool = False
+) -> dict[str, Any]:
+    """JSON-friendly dict. Binary fields become base64 strings when asked for
+    (``heatmap_png_base64``, ``thumbnail_jpeg_base64``; None when absent). Columns left out of
+    the query (``images=False``) are reported as None (unknown) in ``has_heatmap`` /
+    ``has_thumbnail``."""
+    d: dict[str, Any] = {
+        "id": r.id,
+        "created_at": as_utc(r.created_at).isoformat() if r.created_at is not None else None,
+        "image_sha256": r.image_sha256,
+        "image_width": r.image_width,
+        "image_height": r.image_height,
+        "age": r.age,
+        "sex": r.sex,
+        "site": r.site,
+        "predicted_class": r.predicted_class,
+        "predicted_class_name": CLASS_NAMES.get(r.predicted_class, r.predicted_class),
+        "predicted_probability": r.predicted_probability,
+        "probabilities": dict(r.probabilities or {}),
+        "attribution_target": r.attribution_target,
+        "metadata_contributions": (
+            dict(r.metadata_contributions) if r.metadata_contributions is not None else None
+        ),
+        "warnings": list(r.warnings or []),
+        "ood_distance": r.ood_distance,
+        "model_name": r.model_name,
+        "model_version": r.model_version,
+        "checkpoint_sha256": r.checkpoint_sha256,
+        "latency_ms": r.latency_ms,
+    }
+    for key, attr, suffix, include in (
+        ("heatmap", "heatmap_png", "png", include_heatmap),
+        ("thumbnail", "thumbnail", "jpeg", include_thumbnail),
+    ):
+        skipped = r.not_loaded(attr)
+        d[f"has_{key}"] = None if skipped else getattr(r, attr) is not None
+        if include:
+            d[f"{key}_{suffix}_base64"] = None if skipped else _b64(getattr(r, attr))
+    return d
+
+
+# --- table ---------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = [
+    "id",
+    "time (UTC)",
+    "class",
+    "probability",
+    "age",
+    "sex",
+    "site",
+    "model",
+    "warnings",
+]
+#: Gradio ``Dataframe`` datatypes of :data:`TABLE_COLUMNS`.
+TABLE_TYPES: list[Literal["number", "str"]] = [
+    "number",
+    "str",
+    "str",
+    "number",
+    "str",
+    "str",
+    "str",
+    "str",
+    "number",
+]
+
+
+def table_row(r: PredictionRecord) -> list[Any]:
+    return [
+        r.id,
+        format_time(r.created_at),
+        class_label(r.predicted_class),
+        round(float(r.predicted_probability), 3),
+        format_age(r.age),
+        r.sex,
+        r.site,
+        r.model_version,
+        len(r.warnings or []),
+    ]
+
+
+def _is_number(text: str) -> bool:
+    if text == "":
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Plain aligned text columns; numeric columns right-aligned."""
+    cells = [[str(c) for c in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [bool(rows) and all(_is_number(r[i]) for r in cells[1:]) for i in range(len(headers))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True)
+        ).rstrip()
+
+    out = [line(cells[0]), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+# --- CSV -----------------------------------------------------------------------------------------
+
+CSV_COLUMNS = [
+    "id",
+    "created_at",
+    "predicted_class",
+    "predicted_class_name",
+    "predicted_probability",
+    *[f"p_{c}" for c in CLASSES],
+    "age",
+    "sex",
+    "site",
+    "attribution_target",
+    *[f"contribution_{f}" for f in FIELDS],
+    "warnings",
+    "ood_distance",
+    "model_name",
+    "model_version",
+    "checkpoint_sha256",
+    "latency_ms",
+    "image_sha256",
+    "image_width",
+    "image_height",
+]
+
+
+def csv_row(r: PredictionRecord) -> list[Any]:
+    """One row in :data:`CSV_COLUMNS` order (None for missing values)."""
+    d = record_dict(r)
+    probs = d.pop("probabilities")
+    contribs = d.pop("metadata_contributions") or {}
+    d.update({f"p_{c}": probs.get(c) for c in CLASSES})
+    d.update({f"contribution_{f}": contribs.get(f) for f in FIELDS})
+    d["warnings"] = " | ".join(d["warnings"])
+    return [d[c] for c in CSV_COLUMNS]
+
+
+def write_csv_rows(
+    fh: TextIO, headers: Sequence[str], rows: Iterable[Sequence[Any]], lineterminator: str = "\n"
+) -> None:
+    writer = csv.writer(fh, lineterminator=lineterminator)
+    writer.writerow(headers)
+    writer.writerows(["" if v is None else v for v in row] for row in rows)
+
+
+def to_csv(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """CSV text (header first, no trailing newline), e.g. for printing."""
+    buf = io.StringIO()
+    write_csv_rows(buf, headers, rows)
+    return buf.getvalue().rstrip("\n")
+
+
+def write_csv(records: Iterable[PredictionRecord], path: Path) -> Path:
+    """The rows as a CSV file; ``records`` may be streamed a page at a time."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        write_csv_rows(fh, CSV_COLUMNS, (csv_row(r) for r in records), lineterminator="\r\n")
+    return path
+
+
+# --- detail --------------------------------------------------------------------------------------
+
+
+def detail_entries(r: PredictionRecord) -> list[tuple[str, str]]:
+    """(label, value) lines describing one stored prediction, most important first."""
+    image = f"{r.image_width}×{r.image_height} px (sha256 {r.image_sha256[:12]}…)"
+    if r.thumbnail is None:
+        image += "; No image stored (the prediction was made with --no-store-images)"
+    entries = [
+        ("Time", f"{format_time(r.created_at)} UTC"),
+        ("Inputs", f"age {format_age(r.age) or 'unknown'}, sex {r.sex}, body site {r.site}"),
+        ("Image", image),
+        ("Top class", f"{class_label(r.predicted_class)} {r.predicted_probability:.1%}"),
+    ]
+    ranked = sorted((r.probabilities or {}).items(), key=lambda kv: -kv[1])
+    entries.append(("Probabilities", ", ".join(f"{c} {p:.1%}" for c, p in ranked)))
+    explains = f" (explains {class_label(r.attribution_target)})" if r.attribution_target else ""
+    entries.append(("Heatmap", ("stored" if r.heatmap_png is not None else "none") + explains))
+    if r.metadata_contributions:
+        shown = ", ".join(f"{k} {100 * v:+.1f} pp" for k, v in r.metadata_contributions.items())
+        entries.append(("Metadata contributions", shown))
+    entries += [("Warning", w) for w in r.warnings or []]
+    entries.append(("Model", f"{r.model_version} (weights sha256 {r.checkpoint_sha256[:12]}…)"))
+    entries.append(("Latency", f"{r.latency_ms:.0f} ms"))
+    return entries
+
+
+def detail_text(r: PredictionRecord) -> str:
+    lines = [f"prediction {r.id}"]
+    lines += [f"  {label.lower()}: {value}" for label, value in detail_entries(r)]
+    return "\n".join(lines)
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~>-])")
+
+
+def escape_markdown(text: Any) -> str:
+    """``text`` shown literally by a Markdown renderer: HTML escaped, Markdown punctuation
+    backslash-escaped (stored values such as the model version are not trusted)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False))
+
+
+def detail_markdown(r: PredictionRecord) -> str:
+    lines = [f"### Prediction #{r.id}"]
+    for label, value in detail_entries(r):
+        if label == "Warning":
+            lines.append(f"- **⚠️ {escape_markdown(value)}**")
+        else:
+            lines.append(f"- **{label}:** {escape_markdown(value)}")
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""The one prediction code path: request → predict (with explanations) → store one row.
+
+The Gradio app, ``python -m scripts.predict`` (with or without ``--db``), ``scripts.benchmark`` and
+the tests all call :meth:`PredictionService.predict_and_store` with a
+:class:`data_pipeline.request.PredictionRequest`, validated once where the input arrived. A
+database failure raises :class:`StorageError` (a :class:`DatabaseError`) that still carries the
+prediction, and leaves nothing half-written (the row is one transaction).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from common.errors import DatabaseError, DermError
+from data_pipeline.request import PredictionRequest
+from data_pipeline.schema import CLASSES
+from db.models import PredictionRecord, utcnow
+from db.queries import (
+    HistoryFilter,
+    as_filter,
+    count_predictions,
+    counts_per_class_per_day,
+    get_prediction,
+    query_predictions,
+)
+from db.session import Database, error_reason
+from model.attribution import resize_heatmap
+from model.predictor import Prediction, Predictor
+from service.render import fit_size, heatmap_png, thumbnail_jpeg
+
+FilterLike = HistoryFilter | dict[str, Any] | None
+
+
+class StorageError(DatabaseError):
+    """The prediction was made but could not be stored; ``.prediction`` still holds it."""
+
+    def __init__(self, message: str, prediction: Prediction | None = None) -> None:
+        super().__init__(message)
+        self.prediction = prediction
+
+
+@dataclass
+class StoredPrediction:
+    id: int | None  # row id, None when nothing was stored
+    prediction: Prediction
+    stored: bool
+
+
+class PredictionService:
+    """Predictor + history database. Safe to share between threads: inference is serialised by a
+    lock, and each store uses its own session and transaction."""
+
+    def __init__(
+        self, predictor: Predictor, db: Database | None, store_images: bool = True
+    ) -> None:
+        self.predictor = predictor
+        self.db = db
+        self.store_images = store_images
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(
+        cls,
+        checkpoint: str | Path | None = None,
+        db_url: str | None = None,
+        store_images: bool = True,
+    ) -> PredictionService:
+        """Load the checkpoint (None → shipped model) and open / migrate the database
+        (``db_url`` None → ``$SKIN_DB_URL`` or ``sqlite:///predictions.db``)."""
+        predictor = Predictor.from_checkpoint(checkpoint)
+        return cls(predictor, Database(db_url), store_images=store_images)
+
+    # --- predicting --------------------------------------------------------------------------
+
+    def predict_and_store(
+        self, request: PredictionRequest, *, tta: bool = False
+    ) -> StoredPrediction:
+        """Predict with explanations, then store one row (when there is a database)."""
+        with self._lock:
+            pred = self.predictor.predict(request, explain=True, tta=tta)
+        if self.db is None:
+            return StoredPrediction(id=None, prediction=pred, stored=False)
+
+        record = self._record(pred, request)
+        try:
+            with self.db.session() as session:
+                session.add(record)
+                session.flush()
+                row_id = int(record.id)
+        except (SQLAlchemyError, DatabaseError) as exc:
+            raise StorageError(
+                f"Prediction made but could not be stored: {error_reason(exc)} "
+                f"(database {self.db.display_url}).",
+                prediction=pred,
+            ) from exc
+        return StoredPrediction(id=row_id, prediction=pred, stored=True)
+
+    def _record(self, pred: Prediction, request: PredictionRequest) -> PredictionRecord:
+        cfg = self.predictor.config
+        # The thumbnail shows the (aspect-cropped) region the model saw, so the stored heatmap,
+        # made from the Grad-CAM grid at the thumbnail's size, overlays it exactly.
+        shown = pred.image if pred.image is not None else request.rgb
+        heatmap = None
+        if pred.heatmap_grid is not None:
+            heatmap = heatmap_png(resize_heatmap(pred.heatmap_grid, fit_size(*shown.shape[:2])))
+        contributions = pred.metadata_contributions
+        return PredictionRecord(
+            created_at=utcnow(),
+            image_sha256=request.image_sha256,
+            image_width=request.width,
+            image_height=request.height,
+            thumbnail=thumbnail_jpeg(shown) if self.store_images else None,
+            age=pred.metadata.age,
+            sex=pred.metadata.sex,
+            site=pred.metadata.site,
+            predicted_class=pred.top_class,
+            predicted_probability=float(pred.top_probability),
+            probabilities={c: float(pred.probabilities[c]) for c in CLASSES},
+            heatmap_png=heatmap,
+            attribution_target=pred.attribution_target,
+            metadata_contributions=(
+                {k: float(v) for k, v in contributions.items()} if contributions else None
+            ),
+            warnings=list(pred.warnings),
+            ood_distance=pred.ood_distance,
+            model_name=cfg.name,
+            model_version=pred.model_version,
+            checkpoint_sha256=cfg.weights_sha256,
+            latency_ms=float(pred.latency_ms),
+        )
+
+    # --- history -----------------------------------------------------------------------------
+
+    def _database(self) -> Database:
+        if self.db is None:
+            raise DermError("This prediction service has no history database.")
+        return self.db
+
+    def history(
+        self, f: FilterLike = None, limit: int = 100, offset: int = 0, images: bool = True
+    ) -> list[PredictionRecord]:
+        """Matching rows, newest first, as detached ORM objects with every column loaded
+        (``images=False``: without thumbnail / heatmap bytes, for long listings)."""
+        with self._database().session() as session:
+            return query_predictions(
+                session, as_filter(f), limit=limit, offset=offset, images=images
+            )
+
+    def get(self, prediction_id: int) -> PredictionRecord | None:
+        with self._database().session() as session:
+            return get_prediction(session, prediction_id)
+
+    def count(self, f: FilterLike = None) -> int:
+        with self._database().session() as session:
+            return count_predictions(session, as_filter(f))
+
+    def stats(self, f: FilterLike = None) -> list[tuple[str, str, int]]:
+        """``(YYYY-MM-DD, class, n)`` per UTC day and top class."""
+        with self._database().session() as session:
+            return counts_per_class_per_day(session, as_filter(f))
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.dispose()
