@@ -156,35 +156,54 @@ def _describe_setting(value: Any) -> str:
     return str(value)
 
 
+#: How each framing policy of :mod:`data_pipeline.transforms` reads in words.
+GEOMETRY_WORDS: dict[str, str] = {
+    "squash": "the whole image resized to a square (nothing is cut off)",
+    "pad": "padded to a square with black borders",
+    "crop": "centre-cropped to a square",
+}
+COLOUR_WORDS: dict[str, str] = {"shades_of_gray": "Shades of Gray colour constancy"}
+
+
 def input_description(config: CheckpointConfig) -> str:
     """How images are prepared, from ``preprocessing`` (geometry, colour constancy, size)."""
     pre = config.preprocessing
     geometry = _config_value(pre, "geometry")
-    if geometry:
-        text = f"{_describe_setting(geometry)}; resized to {pre.width}×{pre.height} px"
+    size = f"{pre.width}×{pre.height} px"
+    if not geometry or geometry == "crop_aspect":
+        text = f"images centre-cropped to {_aspect(float(pre.source_aspect))} and resized to {size}"
+    elif isinstance(geometry, str) and geometry in GEOMETRY_WORDS:
+        text = f"{GEOMETRY_WORDS[geometry]}, {size}"
     else:
-        text = (
-            f"images centre-cropped to {_aspect(float(pre.source_aspect))} and resized to "
-            f"{pre.width}×{pre.height} px"
-        )
+        text = f"{_describe_setting(geometry)}; resized to {size}"
     colour = _config_value(pre, "color_constancy")
-    if colour:
-        text += f"; colour constancy: {_describe_setting(colour)}"
+    if colour and colour != "none":
+        if isinstance(colour, str) and colour in COLOUR_WORDS:
+            p = _config_value(pre, "minkowski_p")
+            words = COLOUR_WORDS[colour] + (f" (Minkowski p={float(p):g})" if p else "")
+            text += f"; {words}, applied identically in training and inference"
+        else:
+            text += f"; colour constancy: {_describe_setting(colour)}"
     return text + "."
 
 
 def _source_line(source: dict[str, Any]) -> str:
     name = source.get("name", "dataset")
-    known = KNOWN_DATASETS.get(name, {})
+    known = {k.lower(): v for k, v in KNOWN_DATASETS.items()}.get(str(name).lower(), {})
     cite = f" ({source['citation']})" if source.get("citation") else ""
-    role = {"train": "training", "external_val": "external validation"}.get(
-        source.get("role", "train"), str(source.get("role"))
-    )
+    role = {
+        "primary": "training, with its lesion-grouped validation and test splits",
+        "train": "training",
+        "external_val": "external validation (never trained on)",
+    }.get(source.get("role", "train"), str(source.get("role")))
     facts = [known["description"]] if "description" in known else []
     if source.get("n_images"):
         facts.append(f"{source['n_images']} images")
-    if source.get("classes"):
-        facts.append(f"classes {', '.join(source['classes'])}")
+    classes = source.get("classes") or [
+        c for c, n in (source.get("class_counts") or {}).items() if n
+    ]
+    if classes:
+        facts.append(f"classes {', '.join(classes)}")
     return f"- **{name}**{cite}, {role}" + (f": {'; '.join(facts)}." if facts else ".")
 
 
@@ -228,10 +247,11 @@ def _training_lines(config: CheckpointConfig) -> list[str]:
             "- **Training images per class:** "
             + ", ".join(f"{c} {counts[c]}" for c in CLASSES if c in counts)
         )
+    rule = training.get("selection_rule", "validation balanced accuracy")
     if training.get("best_epoch"):
-        lines.append(
-            f"- **Best epoch (by validation balanced accuracy):** {training['best_epoch']}"
-        )
+        lines.append(f"- **Best epoch (by {rule}):** {training['best_epoch']}")
+    elif training.get("selection_rule"):
+        lines.append(f"- **Selection rule (validation only, never test):** {rule}")
     for i, member in enumerate(training.get("members") or [], start=1):
         lines.append(
             f"- **Member {i}** (`{member.get('version')}`, seed {member.get('seed')}, best epoch "
@@ -288,6 +308,32 @@ def _per_class_table(m: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _by_source_lines(metrics: dict[str, Any]) -> list[str]:
+    """Melanoma and malignant-vs-benign scores per held-out set, external sets included."""
+    sets = {"HAM10000 test": metrics.get("test"), "HAM10000 val": metrics.get("val")}
+    sets.update({f"{name} (external)": m for name, m in (metrics.get("external") or {}).items()})
+    rows = [
+        (name, m)
+        for name, m in sets.items()
+        if isinstance(m, dict) and isinstance(m.get("melanoma"), dict)
+    ]
+    if not rows:
+        return []
+    out = [
+        "**By source — what a screening use cares about:**",
+        "| Set | n | Balanced acc. | Melanoma AUC | Melanoma sens. at 90 % spec. | "
+        "Malignant-vs-benign AUC |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in rows:
+        mel, mal = m["melanoma"], m.get("malignant") or {}
+        out.append(
+            f"| {name} | {_count(m.get('n'))} | {_pct(m.get('balanced_accuracy'))} | "
+            f"{_num(mel.get('auc'))} | {_pct(mel.get('sens_at_spec90'))} | {_num(mal.get('auc'))} |"
+        )
+    return out
+
+
 def _performance_lines(config: CheckpointConfig, checkpoint_folder: Path | str | None) -> list[str]:
     metrics = dict(getattr(config, "metrics", {}) or {})
     training = dict(getattr(config, "training", {}) or {})
@@ -302,6 +348,7 @@ def _performance_lines(config: CheckpointConfig, checkpoint_folder: Path | str |
         test = metrics.get("test")
         if isinstance(test, dict) and test.get("per_class"):
             lines += ["**Per class (test split):**", _per_class_table(test)]
+        lines += _by_source_lines(metrics)
     else:
         lines.append(
             "*No evaluation metrics are stored in this checkpoint* (for example an untrained or "

@@ -59,7 +59,7 @@ class LesionDataset(Dataset):
         return item if self.masks is None else (*item, self.masks[i])
 
 
-def class_counts(labels: Sequence[int], n_classes: int = len(CLASSES)) -> np.ndarray:
+def class_counts(labels: Sequence[int] | np.ndarray, n_classes: int = len(CLASSES)) -> np.ndarray:
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)
 
 
@@ -91,12 +91,12 @@ def make_weighted_sampler(
     """A :class:`WeightedRandomSampler` drawing class c with share ∝ ``n_c ** (1 - power)``."""
     if not 0.0 <= power <= 1.0:
         raise ValueError(f"sampler power must be in [0, 1], got {power}")
-    labels = np.asarray(labels, dtype=np.int64)
-    per_class = class_sampling_weights(class_counts(labels), power)
+    y = np.asarray(labels, dtype=np.int64)
+    per_class = class_sampling_weights(class_counts(y), power)
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(
-        weights=torch.as_tensor(per_class[labels], dtype=torch.double),
-        num_samples=num_samples or len(labels),
+        weights=per_class[y].tolist(),
+        num_samples=num_samples or len(y),
         replacement=True,
         generator=generator,
     )

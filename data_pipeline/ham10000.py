@@ -108,7 +108,9 @@ def load_metadata(data_dir: Path | str, csv_path: Path | str | None = None) -> p
         if col not in df.columns:
             df[col] = None
     ages, sexes, sites = [], [], []
-    for i, (age, sex, site) in enumerate(zip(df["age"], df["sex"], df["localization"])):
+    for i, (age, sex, site) in enumerate(
+        zip(df["age"], df["sex"], df["localization"], strict=False)
+    ):
         try:
             meta = Metadata.parse(age, sex, site)
         except DermError as exc:
@@ -148,6 +150,6 @@ def metadata_matrix(df: pd.DataFrame) -> np.ndarray:
     return np.stack(
         [
             Metadata(None if pd.isna(a) else float(a), s, site).encode()
-            for a, s, site in zip(df["age"], df["sex"], df["localization"])
+            for a, s, site in zip(df["age"], df["sex"], df["localization"], strict=False)
         ]
     )

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from data_pipeline.dataset import LesionDataset
 from data_pipeline.transforms import ImageTransform, Preprocessing
+from model.network import Network
 
 #: Test-time augmentation views: identity, h-flip, v-flip, 180° rotation (all label-preserving).
 TTA_VIEWS = (
@@ -26,7 +27,7 @@ def tta_logits(model: torch.nn.Module, images: torch.Tensor, meta: torch.Tensor)
 
 @torch.no_grad()
 def collect_outputs(
-    model: torch.nn.Module,
+    model: Network,
     loader: DataLoader,
     device: torch.device | str = "cpu",
     tta: bool = False,
@@ -55,7 +56,7 @@ def collect_outputs(
 
 
 def collect_logits(
-    model: torch.nn.Module,
+    model: Network,
     loader: DataLoader,
     device: torch.device | str = "cpu",
     tta: bool = False,

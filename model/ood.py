@@ -84,6 +84,6 @@ def fit_ood(
         "k": K,
         "percentile": PERCENTILE,
         "threshold": det.threshold,
-        "n_fit": int(len(feats)),
+        "n_fit": len(feats),
     }
     return det, info

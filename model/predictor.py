@@ -18,15 +18,14 @@ import torch
 from data_pipeline.images import ImageSource
 from data_pipeline.request import PredictionRequest
 from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT, Metadata
-from data_pipeline.transforms import ImageTransform, crop_to_aspect
+from data_pipeline.transforms import ImageTransform, model_view
 from model.attribution import gradcam, metadata_contributions, resize_heatmap
 from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
 from model.engine import tta_logits
 from model.network import Network
-from model.ood import OOD_FILE, FeatureDistance
+from model.ood import LOW_CONFIDENCE, OOD_FILE, FeatureDistance
 
 #: Below this calibrated top-class probability a prediction is flagged as low confidence.
-LOW_CONFIDENCE = 0.5
 #: A malignant class with at least this probability is flagged, even when it is not the top one.
 MALIGNANT_FLAG = 0.2
 
@@ -119,8 +118,8 @@ class Predictor:
         return self.config.model.use_metadata
 
     def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """Crop a decoded image to the training aspect → (RGB array shown to users, model batch)."""
-        shown = crop_to_aspect(rgb, self.config.preprocessing.source_aspect)
+        """Frame a decoded image as the checkpoint says → (RGB shown to users, model batch)."""
+        shown = model_view(rgb, self.config.preprocessing)
         return shown, self.transform(shown)[None].to(self.device)
 
     def predict(

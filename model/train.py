@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -40,7 +40,7 @@ from model.ema import WeightEMA
 from model.engine import eval_loader
 from model.losses import class_weights, sampled_prior, source_aware_ce
 from model.metrics import headline
-from model.network import DEFAULT_BACKBONE, FusionEnsemble, FusionNet, ModelConfig
+from model.network import DEFAULT_BACKBONE, FusionEnsemble, FusionNet, ModelConfig, Network
 from model.scoring import SELECTION_RULE, EvalSets, calibrate_and_score, selection_score, validate
 
 
@@ -223,7 +223,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[FusionNet, str]
                     f"--init-member {cfg.init_member}: {cfg.init_from} has "
                     f"{len(source.members)} members."
                 )
-            source = source.members[cfg.init_member]
+            source = source.nets[cfg.init_member]
         if source.cfg != mcfg:
             raise DermError(
                 f"{cfg.init_from} is a {source.cfg.backbone} model (metadata: "
@@ -251,7 +251,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
         self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         # What is validated, selected and shipped: the EMA weights when EMA is on.
-        self.evaluated = self.ema.module if self.ema else self.model
+        self.evaluated = cast(Network, self.ema.module) if self.ema else self.model
         self.weight, self.offset = None, None
         if cfg.loss == "weighted_ce":
             self.weight = class_weights(data.counts, cfg.sampler_power, cfg.loss_power).to(device)

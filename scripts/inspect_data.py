@@ -20,6 +20,7 @@ from common.errors import DataError
 from data_pipeline.ham10000 import load_metadata, verify_images
 from data_pipeline.report import class_split_table, metadata_summary, sample_grid
 from data_pipeline.splits import (
+    DEFAULT_SPLITS,
     attach_splits,
     file_sha256,
     lesions_crossing_splits,
@@ -27,7 +28,6 @@ from data_pipeline.splits import (
     make_splits,
     save_splits,
 )
-from model.train import DEFAULT_SPLITS
 
 
 def choose_splits(df, splits_path: Path | None, seed: int):

@@ -27,6 +27,7 @@ from app.frontend import EXAMPLES_DIR, make_frontend
 from common.errors import DermError
 from common.text import DISCLAIMER
 from data_pipeline.schema import CLASS_NAMES, CLASSES
+from data_pipeline.transforms import Preprocessing
 from service import history
 from service.prediction import PredictionService
 
@@ -516,6 +517,9 @@ def test_model_card_reads_sources_geometry_and_ood_from_the_config(app):
     assert "**ISIC2017** (Codella et al. 2018), external validation" in card
     assert "95th percentile" in card and "99th" not in card
     assert views.training_dataset_name(cfg) == "HAM10000"
-    legacy = views.model_card_markdown(app.service.predictor.config)
+    old = deepcopy(app.service.predictor.config)  # a v1 checkpoint: no sources, 4:3 crop
+    old.preprocessing, old.training = Preprocessing(), {}
+    old.ood = {**old.ood, "percentile": 99.0}
+    legacy = views.model_card_markdown(old)
     assert "cropped to 4:3" in legacy and "10.1038/sdata.2018.161" in legacy
     assert "99th percentile" in legacy

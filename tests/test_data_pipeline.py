@@ -1,4 +1,4 @@
-"""Data pipeline: schema encoding, CSV/layout loading and validation, splits, transforms, sampler."""
+"""Data pipeline: schema encoding, CSV/layout loading and validation, splits, transforms."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import DataError, ImageError, MetadataError
 from data_pipeline.dataset import (
     LesionDataset,
     class_counts,
     expected_class_share,
     make_weighted_sampler,
 )
-from common.errors import DataError, ImageError, MetadataError
 from data_pipeline.ham10000 import load_metadata, verify_images
 from data_pipeline.images import load_rgb
 from data_pipeline.schema import (
@@ -68,7 +68,7 @@ def test_blank_metadata_encodes_unknown():
 
 
 @pytest.mark.parametrize(
-    "age,sex,site,fragment",
+    ("age", "sex", "site", "fragment"),
     [
         (-5, None, None, "outside 0-120"),
         (300, None, None, "outside 0-120"),

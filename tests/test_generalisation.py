@@ -93,6 +93,7 @@ def test_training_loader_holds_no_external_row(three_sources, tmp_path):
         splits=str(splits),
         extra_train=(str(extra),),
         external_val=(str(external),),
+        source_mask=True,
         height=32,
         width=32,
     )
