@@ -211,7 +211,7 @@ def _architecture_lines(config: CheckpointConfig) -> list[str]:
     mcfg = config.model
     inputs = "image + age, sex and body site" if mcfg.use_metadata else "image only"
     ensemble = (
-        f" An ensemble of {mcfg.members} such networks trained with different seeds (mean logits)."
+        f" An ensemble of {mcfg.members} separately trained such networks (mean logits)."
         if mcfg.members > 1
         else ""
     )
@@ -220,7 +220,7 @@ def _architecture_lines(config: CheckpointConfig) -> list[str]:
         f"- **Architecture:** `{mcfg.backbone}` image branch fused with a small MLP over patient "
         f"metadata; inputs: {inputs}.{ensemble}",
         f"- **Input:** {input_description(config)}",
-        f"- **Calibration:** temperature scaling on the validation split (T = "
+        f"- **Calibration:** temperature scaling on the validation set(s) (T = "
         f"{float(config.temperature):.3f}); probabilities shown are calibrated.",
         "- **Explanations:** Grad-CAM heatmap over the image; metadata contributions are the "
         "change in the explained class's probability when a field is set to *unknown*.",

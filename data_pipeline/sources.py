@@ -60,11 +60,17 @@ def source_name(path: Path | str) -> str:
 
 
 def read_citation(folder: Path | str) -> str:
-    """The ``Source:`` paragraph of the folder's README, if it has one (cited in model cards)."""
-    readme = Path(folder) / "README.md"
-    if not readme.is_file():
-        return ""
-    lines = readme.read_text(errors="replace").splitlines()
+    """The ``Source:`` paragraph of the folder's README, or of its parent's (``isic2017/train``
+    is described by ``isic2017/README.md``); cited in model cards."""
+    for readme in (Path(folder) / "README.md", Path(folder).resolve().parent / "README.md"):
+        if readme.is_file():
+            text = _source_paragraph(readme.read_text(errors="replace").splitlines())
+            if text:
+                return text
+    return ""
+
+
+def _source_paragraph(lines: list[str]) -> str:
     for i, line in enumerate(lines):
         if line.startswith("Source:"):
             para = [line.removeprefix("Source:").strip()]

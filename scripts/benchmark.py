@@ -62,14 +62,11 @@ def time_calls(fn: Callable[[], object], n: int, warmup: int) -> list[float]:
 def eval_throughput(
     predictor: Predictor, data_dir: Path, n_images: int, batch: int
 ) -> dict[str, Any]:
-    from torch.utils.data import DataLoader
-
-    from data_pipeline.dataset import LesionDataset
     from data_pipeline.ham10000 import load_metadata
-    from model.engine import collect_logits
+    from model.engine import collect_logits, eval_loader
 
     df = load_metadata(data_dir).iloc[:n_images]
-    loader = DataLoader(LesionDataset(df, predictor.transform), batch_size=batch)
+    loader = eval_loader(df, predictor.config.preprocessing, batch_size=batch)
     t0 = time.perf_counter()
     collect_logits(predictor.model, loader)
     seconds = time.perf_counter() - t0

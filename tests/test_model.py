@@ -247,6 +247,7 @@ def test_weight_ema_warms_up_then_tracks_the_weights():
         WeightEMA(lin, decay=1.0)
 
 
+@pytest.mark.slow
 def test_train_resume_evaluate_and_ensemble_cli(tmp_path):
     from tests.conftest import write_synthetic_ham
 
@@ -341,6 +342,7 @@ def test_train_resume_evaluate_and_ensemble_cli(tmp_path):
     assert r.returncode == 2 and "at least two" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_train_cli_bad_data_dir(tmp_path):
     r = subprocess.run(
         [
