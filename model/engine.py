@@ -20,9 +20,21 @@ TTA_VIEWS = (
 )
 
 
-def tta_logits(model: torch.nn.Module, images: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """Mean logits over :data:`TTA_VIEWS` (image features per view, one head pass each)."""
-    return torch.stack([model(view(images), meta) for view in TTA_VIEWS]).mean(dim=0)
+def tta_logits(
+    model: Network,
+    images: torch.Tensor,
+    meta: torch.Tensor,
+    features: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean logits over :data:`TTA_VIEWS` (image features per view, one head pass each).
+
+    ``features`` are the un-augmented view's, when the caller already has them (it needs them
+    for the OOD check), so the identity view's backbone pass is not run twice."""
+    if features is None:
+        features = model.image_features(images)
+    views = [model.head(features, meta)]
+    views += [model(view(images), meta) for view in TTA_VIEWS[1:]]
+    return torch.stack(views).mean(dim=0)
 
 
 @torch.no_grad()
@@ -46,7 +58,7 @@ def collect_outputs(
         images, meta = images.to(device), meta.to(device)
         with torch.autocast(device_type=torch.device(device).type, enabled=_amp(device)):
             f = model.image_features(images)
-            out = tta_logits(model, images, meta) if tta else model.head(f, meta)
+            out = tta_logits(model, images, meta, f) if tta else model.head(f, meta)
         logits.append(out.float().cpu().numpy())
         feats.append(f.float().cpu().numpy())
         labels.append(np.asarray(y))

@@ -29,7 +29,7 @@ from model.calibration import softmax
 from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
 from model.engine import collect_outputs, eval_loader
 from model.metrics import compute_metrics, reliability_bins
-from model.ood import OOD_FILE, FeatureDistance, flag_rates
+from model.ood import FeatureDistance, flag_rates
 
 
 def split_file_for(cfg: CheckpointConfig, override: Path | None = None) -> Path:
@@ -75,14 +75,17 @@ def _rows(
 ) -> tuple[pd.DataFrame, dict]:
     """Every row to score, with a ``source`` column (a CSV's own ``source`` column wins)."""
     df, info = select_rows(load_metadata(data_dir), cfg, split, splits_path)
-    frames = [df.assign(source=df["source"] if "source" in df else source_name(data_dir))]
-    for folder in external:
-        ext = load_metadata(folder)
-        frames.append(ext.assign(source=ext["source"] if "source" in ext else source_name(folder)))
+    frames = [_with_source(df, data_dir)]
+    frames += [_with_source(load_metadata(folder), folder) for folder in external]
     rows = pd.concat(frames, ignore_index=True)
     if rows.empty:
         raise DataError(f"No rows in split {split!r} of {data_dir}.")
     return rows, info
+
+
+def _with_source(df: pd.DataFrame, folder: Path | str) -> pd.DataFrame:
+    """Rows tagged with their source: the CSV's own ``source`` column, else the folder's name."""
+    return df if "source" in df else df.assign(source=source_name(folder))
 
 
 def _score(labels: np.ndarray, probs: np.ndarray, distance: np.ndarray | None, thr: float) -> dict:
@@ -116,8 +119,8 @@ def evaluate(
     logits, labels, feats = collect_outputs(model, loader, device, tta=tta, progress=progress)
     probs = softmax(logits, cfg.temperature)
     distance, threshold = None, float("inf")
-    if cfg.ood and (folder / OOD_FILE).is_file():
-        detector = FeatureDistance.load(folder, cfg.ood["threshold"], cfg.ood.get("k", 5))
+    detector = FeatureDistance.from_checkpoint(folder, cfg.ood)
+    if detector is not None:
         distance, threshold = detector.distance(torch.from_numpy(feats)).numpy(), detector.threshold
     metrics = _score(labels, probs, distance, threshold)
     if by_source:

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 
 OOD_FILE = "ood.safetensors"
 PERCENTILE = 99.0
@@ -68,14 +67,17 @@ class FeatureDistance:
     def load(cls, folder: Path, threshold: float, k: int = K) -> FeatureDistance:
         return cls(load_file(str(Path(folder) / OOD_FILE))["bank"], threshold, k)
 
+    @classmethod
+    def from_checkpoint(cls, folder: Path, ood: dict) -> FeatureDistance | None:
+        """The detector a checkpoint folder ships (``config.json`` → ``ood``), or None if none."""
+        if not ood or not (Path(folder) / OOD_FILE).is_file():
+            return None
+        return cls.load(folder, ood["threshold"], ood.get("k", K))
 
-@torch.no_grad()
-def fit_ood(
-    model, loader: DataLoader, device: torch.device | str = "cpu"
-) -> tuple[FeatureDistance, dict]:
-    """Fit on ``loader``'s images (the validation split); returns the detector and its config."""
-    model.eval()
-    feats = torch.cat([model.image_features(x.to(device)).float().cpu() for x, _, _ in loader])
+
+def fit_ood(feats: torch.Tensor) -> tuple[FeatureDistance, dict]:
+    """Fit on the validation images' pooled features (collected with their logits, so the
+    backbone runs once over val); returns the detector and its config."""
     det = FeatureDistance(feats, 0.0)
     d = det.distance(feats, exclude_self=True).numpy()
     det.threshold = float(np.percentile(d, PERCENTILE))

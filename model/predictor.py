@@ -23,7 +23,7 @@ from model.attribution import gradcam, metadata_contributions, resize_heatmap
 from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
 from model.engine import tta_logits
 from model.network import Network
-from model.ood import LOW_CONFIDENCE, OOD_FILE, FeatureDistance
+from model.ood import LOW_CONFIDENCE, FeatureDistance
 
 #: Below this calibrated top-class probability a prediction is flagged as low confidence.
 #: A malignant class with at least this probability is flagged, even when it is not the top one.
@@ -98,9 +98,7 @@ class Predictor:
         self.folder = folder
         self.device = torch.device(device)
         self.transform = ImageTransform(config.preprocessing, train=False)
-        self.ood: FeatureDistance | None = None
-        if config.ood and (folder / OOD_FILE).is_file():
-            self.ood = FeatureDistance.load(folder, config.ood["threshold"], config.ood.get("k", 5))
+        self.ood = FeatureDistance.from_checkpoint(folder, config.ood)
 
     @classmethod
     def from_checkpoint(cls, path: Path | str | None = None, device: str = "cpu") -> Predictor:
@@ -144,7 +142,7 @@ class Predictor:
         temperature = self.config.temperature
         with torch.no_grad():
             features = self.model.image_features(x)
-            logits = tta_logits(self.model, x, m) if tta else self.model.head(features, m)
+            logits = tta_logits(self.model, x, m, features) if tta else self.model.head(features, m)
             probs = torch.softmax(logits / temperature, dim=1)[0].cpu().numpy()
         pred = Prediction(
             probabilities={c: float(p) for c, p in zip(CLASSES, probs, strict=True)},

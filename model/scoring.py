@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from data_pipeline.schema import CLASSES
 from model.calibration import fit_temperature, softmax
 from model.checkpoint import CheckpointConfig
-from model.engine import collect_logits
+from model.engine import collect_logits, collect_outputs
 from model.metrics import compute_metrics, headline
 from model.network import Network
 from model.ood import FeatureDistance, fit_ood
@@ -77,15 +77,15 @@ def calibrate_and_score(
     then score val, test and every external set into ``ck.metrics`` (in place).
 
     Shared by training and ensembling, so both ship identically described checkpoints."""
-    detector, ck.ood = fit_ood(model, sets.val, device)
-    collected = {name: collect_logits(model, ld, device) for name, ld in sets.validation().items()}
+    collected = {name: collect_outputs(model, ld, device) for name, ld in sets.validation().items()}
+    detector, ck.ood = fit_ood(torch.from_numpy(collected["val"][2]))
     ck.temperature = fit_temperature(
-        np.concatenate([z for z, _ in collected.values()]),
-        np.concatenate([y for _, y in collected.values()]),
+        np.concatenate([z for z, _, _ in collected.values()]),
+        np.concatenate([y for _, y, _ in collected.values()]),
     )
     scored = {
         name: compute_metrics(y, softmax(z, ck.temperature), CLASSES)
-        for name, (z, y) in collected.items()
+        for name, (z, y, _) in collected.items()
     }
     ck.metrics = {"val": scored.pop("val"), "external": scored}
     ck.metrics["selection_score"] = selection_score({"val": ck.metrics["val"], **scored})
