@@ -550,7 +550,7 @@ def make_frontend(service: PredictionService) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}")
         gr.Markdown(
             f"**{DISCLAIMER}** The model estimates probabilities for {len(CLASSES)} lesion "
-            f"classes of the {views.training_dataset_name(service.predictor.config)} dataset; it "
+            f"classes, learnt from {views.training_dataset_name(service.predictor.config)}; it "
             "cannot tell whether a lesion is harmless. See a doctor about any lesion that "
             "worries you.",
             elem_id="disclaimer",

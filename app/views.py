@@ -127,9 +127,12 @@ def training_sources(config: CheckpointConfig) -> list[dict[str, Any]]:
 
 
 def training_dataset_name(config: CheckpointConfig) -> str:
-    """The name(s) of the training dataset(s), e.g. ``HAM10000``."""
+    """The name(s) of the training dataset(s), e.g. ``HAM10000``: the primary source (whose
+    split the model was trained on) and any extra training source, never an external one."""
     names = [
-        s.get("name", "?") for s in training_sources(config) if s.get("role", "train") == "train"
+        s.get("name", "?")
+        for s in training_sources(config)
+        if s.get("role", "train") in ("primary", "train")
     ]
     return " + ".join(names) or "training"
 
@@ -319,19 +322,19 @@ def _by_source_lines(metrics: dict[str, Any]) -> list[str]:
     ]
     if not rows:
         return []
-    out = [
-        "**By source — what a screening use cares about:**",
+    table = [
         "| Set | n | Balanced acc. | Melanoma AUC | Melanoma sens. at 90 % spec. | "
         "Malignant-vs-benign AUC |",
         "|---|---|---|---|---|---|",
     ]
     for name, m in rows:
         mel, mal = m["melanoma"], m.get("malignant") or {}
-        out.append(
+        table.append(
             f"| {name} | {_count(m.get('n'))} | {_pct(m.get('balanced_accuracy'))} | "
             f"{_num(mel.get('auc'))} | {_pct(mel.get('sens_at_spec90'))} | {_num(mal.get('auc'))} |"
         )
-    return out
+    # one Markdown block: the card joins its parts with blank lines, which would break a table
+    return ["**By source — what a screening use cares about:**", "\n".join(table)]
 
 
 def _performance_lines(config: CheckpointConfig, checkpoint_folder: Path | str | None) -> list[str]:

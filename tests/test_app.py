@@ -517,6 +517,30 @@ def test_model_card_reads_sources_geometry_and_ood_from_the_config(app):
     assert "**ISIC2017** (Codella et al. 2018), external validation" in card
     assert "95th percentile" in card and "99th" not in card
     assert views.training_dataset_name(cfg) == "HAM10000"
+
+
+def test_model_card_of_a_multi_source_checkpoint(app):
+    """The primary source counts as training data, an external set does not, and the per-source
+    table is one Markdown table (not paragraphs of pipes)."""
+    from copy import deepcopy
+
+    cfg = deepcopy(app.service.predictor.config)
+    cfg.training = {
+        "sources": [
+            {"name": "ham10000", "role": "primary"},
+            {"name": "isic2017-train", "role": "train"},
+            {"name": "isic2017-val", "role": "external_val"},
+        ]
+    }
+    mel = {"auc": 0.87, "sens_at_spec90": 0.7}
+    cfg.metrics = {
+        "test": {"n": 10, "balanced_accuracy": 0.7, "melanoma": mel, "malignant": {"auc": 0.9}},
+        "external": {"isic2017-val": {"n": 5, "balanced_accuracy": 0.8, "melanoma": mel}},
+    }
+    assert views.training_dataset_name(cfg) == "ham10000 + isic2017-train"
+    card = views.model_card_markdown(cfg)
+    assert "| Set | n |" in card and "|---|---|---|---|---|---|\n| HAM10000 test | 10 |" in card
+    assert "\n| isic2017-val (external) | 5 | 80.0% | 0.870 | 70.0% | — |" in card
     old = deepcopy(app.service.predictor.config)  # a v1 checkpoint: no sources, 4:3 crop
     old.preprocessing, old.training = Preprocessing(), {}
     old.ood = {**old.ood, "percentile": 99.0}
