@@ -30,7 +30,7 @@ from model.checkpoint import (
 )
 from model.engine import eval_loader
 from model.evaluate import select_rows
-from model.network import FusionEnsemble, FusionNet
+from model.network import FusionEnsemble, FusionNet, Network
 from model.scoring import EvalSets, calibrate_and_score
 
 
@@ -38,7 +38,7 @@ def _check_compatible(configs: list[CheckpointConfig], folders: list[Path]) -> N
     first = configs[0]
     for cfg, folder in zip(configs[1:], folders[1:], strict=False):
         for what, a, b in (
-            ("architecture", first.model, cfg.model),
+            ("architecture", replace(first.model, members=1), replace(cfg.model, members=1)),
             ("preprocessing", first.preprocessing, cfg.preprocessing),
             ("training sources", _data(first), _data(cfg)),
             ("metadata vocabulary", first.vocabulary, cfg.vocabulary),
@@ -61,19 +61,7 @@ def ensemble_config(
 ) -> CheckpointConfig:
     """The new checkpoint's description: the members' recipe and data, and how it was combined."""
     first = configs[0]
-    members = [
-        {
-            "version": cfg.version,
-            "command": cfg.training.get("command"),
-            "best_epoch": cfg.training.get("best_epoch"),
-            "seed": cfg.training.get("config", {}).get("seed"),
-            "selection_score": cfg.metrics.get("selection_score"),
-            "val": {
-                k: cfg.metrics.get("val", {}).get(k) for k in ("balanced_accuracy", "macro_auc")
-            },
-        }
-        for cfg in configs
-    ]
+    members = [member for cfg in configs for member in member_records(cfg)]
     inherited = ("split_file", "split_sha256", "sources", "train_class_counts", "selection_rule")
     return CheckpointConfig(
         name=name or f"{first.name}-ensemble{len(configs)}",
@@ -87,6 +75,29 @@ def ensemble_config(
             **{k: first.training[k] for k in inherited if k in first.training},
         },
     )
+
+
+def member_records(cfg: CheckpointConfig) -> list[dict]:
+    """How each network of a checkpoint was made: one record for a trained run, the stored
+    records of its members for an ensemble (whose members then join the new ensemble)."""
+    if cfg.training.get("members"):
+        return list(cfg.training["members"])
+    return [
+        {
+            "version": cfg.version,
+            "command": cfg.training.get("command"),
+            "best_epoch": cfg.training.get("best_epoch"),
+            "seed": cfg.training.get("config", {}).get("seed"),
+            "selection_score": cfg.metrics.get("selection_score"),
+            "val": {
+                k: cfg.metrics.get("val", {}).get(k) for k in ("balanced_accuracy", "macro_auc")
+            },
+        }
+    ]
+
+
+def _networks(net: Network) -> list[FusionNet]:
+    return net.nets if isinstance(net, FusionEnsemble) else [net]
 
 
 def _data(cfg: CheckpointConfig) -> list[tuple[str, str, str]]:
@@ -106,18 +117,17 @@ def build_ensemble(
     command: str = "",
 ) -> tuple[Path, CheckpointConfig]:
     """Combine ``members`` (checkpoint folders) into a calibrated ensemble checkpoint at ``out``.
+    A member folder may hold an ensemble (e.g. the shipped model): its networks join one by one.
 
     ``external_val`` are the validation sets the members were selected on (scored and used for
     the temperature like in training); ``geometry`` sets the inference framing policy."""
-    if len(members) < 2:
-        raise CheckpointError("An ensemble needs at least two member checkpoints.")
     folders = [resolve_dir(m) for m in members]
     loaded = [load_checkpoint(f, device=device) for f in folders]
     configs = [cfg for _, cfg in loaded]
     _check_compatible(configs, folders)
-    nets = [net for net, _ in loaded if isinstance(net, FusionNet)]
-    if len(nets) != len(loaded):
-        raise CheckpointError("Ensemble members must be single networks, not ensembles.")
+    nets = [n for net, _ in loaded for n in _networks(net)]
+    if len(nets) < 2:
+        raise CheckpointError("An ensemble needs at least two member networks.")
     model = FusionEnsemble.from_members(nets).to(device)
     if dtype is not None:
         round_weights(model, dtype)

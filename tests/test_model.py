@@ -341,6 +341,18 @@ def test_train_resume_evaluate_and_ensemble_cli(tmp_path):
     )
     assert r.returncode == 2 and "at least two" in r.stderr and "Traceback" not in r.stderr
 
+    # an ensemble can itself be a member: its networks join (here 2 + 1 = 3 members)
+    r = subprocess.run(
+        [*ens_cmd, str(tmp_path / "e3"), str(tmp_path / "ens"), str(tmp_path / "run_s1")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    e3 = json.loads((tmp_path / "e3" / "config.json").read_text())
+    assert e3["model"]["members"] == 3
+    assert [mb["seed"] for mb in e3["training"]["members"]] == [42, 1, 1]
+
 
 @pytest.mark.slow
 def test_train_cli_bad_data_dir(tmp_path):
