@@ -67,14 +67,20 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def init(device_name: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group torchrun describes (if any); returns it and this rank's device.
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 otherwise); valid before and after the group."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def init(device_name: str) -> tuple[DistInfo, torch.device | None]:
+    """Join the process group torchrun describes (if any); returns it and this rank's device
+    (None in a single process: the caller picks the device as it always has).
 
     ``device_name`` is the ``--device`` flag: under torchrun ``auto`` / ``cuda`` mean this
     process's GPU (``cuda:LOCAL_RANK``), ``cpu`` means gloo on CPU."""
     world = env_world_size()
     if world <= 1:
-        return DistInfo(), _single_device(device_name)
+        return DistInfo(), None
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device_name.startswith("cuda:"):
         raise DermError(
@@ -92,12 +98,6 @@ def init(device_name: str) -> tuple[DistInfo, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=TIMEOUT)
     return DistInfo(rank, dist.get_world_size(), local_rank, backend), device
-
-
-def _single_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def shutdown() -> None:
