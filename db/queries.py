@@ -65,7 +65,7 @@ def _utc_day_default(element: utc_day, compiler: SQLCompiler, **kw: Any) -> str:
 @compiles(utc_day, "postgresql")
 def _utc_day_postgresql(element: utc_day, compiler: SQLCompiler, **kw: Any) -> str:
     # A constant format, inlined (a bound parameter would make GROUP BY see two expressions).
-    fmt = literal_column("'YYYY-MM-DD'")
+    fmt: ColumnElement[str] = literal_column("'YYYY-MM-DD'", String())
     return compiler.process(func.to_char(*element.clauses.clauses, fmt), **kw)
 
 

@@ -28,7 +28,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,7 @@ from torch import nn
 from common.errors import DermError
 
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 
 #: How long a rank waits at a collective (e.g. while rank 0 validates) before giving up.
 TIMEOUT = timedelta(hours=2)
@@ -146,12 +147,13 @@ def all_sum(*values: float) -> list[float]:
     return [float(v) for v in t.cpu()]
 
 
-def prepare_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+def prepare_model(model: M, info: DistInfo, device: torch.device) -> M:
     """SyncBatchNorm on CUDA (see the module docstring for CPU); returns the unwrapped module."""
     if info.enabled and device.type == "cuda":
         from timm.layers import convert_sync_batchnorm
 
-        model = convert_sync_batchnorm(model).to(device)
+        # Same class, its BatchNorm layers replaced in place (timm keeps BatchNormAct's act).
+        return cast(M, convert_sync_batchnorm(model).to(device))
     return model
 
 

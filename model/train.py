@@ -185,11 +185,14 @@ def plot_learning_curve(history: list[dict], path: Path) -> None:
 
 def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
     """Load every source, write ``splits.csv`` and build the loaders."""
+    rank, world = distributed.rank(), distributed.world_size()
+    if rank != 0:
+        distributed.barrier()  # rank 0 first: it may create the split file
     df, sources, split_hash = load_sources(
         cfg.data_dir, cfg.splits, cfg.extra_train, cfg.external_val, seed=cfg.seed
     )
-    rank, world = distributed.rank(), distributed.world_size()
     if rank == 0:
+        distributed.barrier()
         df[["source", "image_id", "lesion_id", "dx", "split"]].to_csv(
             out / "splits.csv", index=False
         )
@@ -330,8 +333,8 @@ class Trainer:
             bar.set_postfix(loss=f"{total / seen:.3f}", img_s=f"{seen / (time.time() - t0):.1f}")
         bar.close()
         elapsed = time.time() - t0
-        total, seen = distributed.all_sum(total, seen)  # over all ranks
-        return {"train_loss": total / max(seen, 1), "train_img_per_s": seen / elapsed}
+        total, n = distributed.all_sum(total, seen)  # over all ranks
+        return {"train_loss": total / max(n, 1), "train_img_per_s": n / elapsed}
 
     def validate_epoch(self, epoch: int, train_stats: dict, t0: float) -> tuple[dict, dict]:
         """Score every validation set; returns (history row, per-set metrics).

@@ -93,8 +93,18 @@ def throwaway_server() -> Iterator[str]:
     run = dict(check=True, capture_output=True, text=True, env=env, cwd=root, **as_user)
     port = free_port()
     subprocess.run(
-        [bindir / "initdb", "-D", data, "-U", USER, "--auth=scram-sha-256", "--pwfile", pwfile]
-        + ["--encoding=UTF8", "--no-sync"],
+        [
+            bindir / "initdb",
+            "-D",
+            data,
+            "-U",
+            USER,
+            "--auth=scram-sha-256",
+            "--pwfile",
+            pwfile,
+            "--encoding=UTF8",
+            "--no-sync",
+        ],
         **run,
     )
     options = " ".join(

@@ -59,9 +59,11 @@ def test_two_app_servers_share_one_postgres_history(postgres_url, tiny_checkpoin
     urls = [f"http://127.0.0.1:{p}/" for p in ports]
     logs = [tmp_path / f"app{i}.log" for i in range(2)]
     # Both start on the same empty database at once: one migrates it, the other waits.
-    procs = [start_app(p, postgres_url, tiny_checkpoint, log) for p, log in zip(ports, logs)]
+    procs = [
+        start_app(p, postgres_url, tiny_checkpoint, log) for p, log in zip(ports, logs, strict=True)
+    ]
     try:
-        for proc, url, log in zip(procs, urls, logs):
+        for proc, url, log in zip(procs, urls, logs, strict=True):
             wait_until_serving(proc, url, log)
         clients = [Client(url, verbose=False) for url in urls]
 
@@ -91,9 +93,7 @@ def test_two_app_servers_share_one_postgres_history(postgres_url, tiny_checkpoin
 
         # Each server's History endpoint sees every row, whichever server stored it.
         for client in clients:
-            _, summary, csv_path = client.predict(
-                "", "", [], 0, "any", "any", api_name="/history"
-            )
+            _, summary, csv_path = client.predict("", "", [], 0, "any", "any", api_name="/history")
             assert f"**{2 * PER_SERVER}**" in summary
             with open(csv_path, newline="") as fh:
                 assert {int(r["id"]) for r in csv.DictReader(fh)} == ids
