@@ -395,7 +395,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
-        print(f"resumed from {state_path} after epoch {int(state['epoch'])}", flush=True)
+        if self.dist.is_main:
+            print(f"resumed from {state_path} after epoch {int(state['epoch'])}", flush=True)
         return Progress(
             history=json.loads(state["history_json"]),
             start_epoch=int(state["epoch"]) + 1,

@@ -15,6 +15,7 @@ torchrun --nnodes 2 --nproc_per_node N --rdzv-backend c10d --rdzv-endpoint HOST:
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from dataclasses import fields
@@ -92,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def launcher() -> list[str]:
+    """How this process was started, for the recorded command: torchrun's world, else python."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return ["python"]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
+    return ["torchrun", "--nnodes", str(world // per_node), "--nproc_per_node", str(per_node)]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = vars(build_parser().parse_args(argv))
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args["pretrained"] = not args.pop("no_pretrained")
     args["extra_train"] = tuple(args["extra_train"])
     args["external_val"] = tuple(args["external_val"])
-    args["command"] = shlex.join(["python", "-m", "scripts.train", *argv])
+    args["command"] = shlex.join([*launcher(), "-m", "scripts.train", *argv])
     out = train(TrainConfig(**args))
     if env_rank() == 0:
         print(f"checkpoint written to {out}")

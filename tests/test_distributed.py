@@ -135,6 +135,7 @@ def test_torchrun_two_processes_train_resume_and_match_single_process_eval(tmp_p
     )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["training"]["world_size"] == 2
+    assert cfg["training"]["command"].startswith("torchrun --nnodes 1 --nproc_per_node 2 -m")
     assert cfg["training"]["distributed"]["backend"] == "gloo"
     assert cfg["training"]["distributed"]["global_batch_size"] == 8
     assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1, 2]
