@@ -150,11 +150,16 @@ def all_sum(*values: float) -> list[float]:
 def prepare_model(model: M, info: DistInfo, device: torch.device) -> M:
     """SyncBatchNorm on CUDA (see the module docstring for CPU); returns the unwrapped module."""
     if info.enabled and device.type == "cuda":
-        from timm.layers import convert_sync_batchnorm
-
-        # Same class, its BatchNorm layers replaced in place (timm keeps BatchNormAct's act).
-        return cast(M, convert_sync_batchnorm(model).to(device))
+        return sync_batchnorm(model).to(device)
     return model
+
+
+def sync_batchnorm(model: M) -> M:
+    """The same model with SyncBatchNorm layers: same class, same state-dict keys (so checkpoints
+    load into a plain network), and timm's BatchNormAct keeps its activation."""
+    from timm.layers import convert_sync_batchnorm
+
+    return cast(M, convert_sync_batchnorm(model))
 
 
 def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:

@@ -67,6 +67,27 @@ def test_bad_rank_is_refused():
         DistributedWeightedSampler([1.0, 1.0], 4, rank=2, world_size=2)
 
 
+def test_sync_batchnorm_keeps_the_network_and_its_checkpoint_keys():
+    """The CUDA path converts BatchNorm to SyncBatchNorm; the saved weights must still load into a
+    plain network and compute the same function (checked here in eval mode, which needs no GPU)."""
+    from torch import nn
+
+    from model.distributed import sync_batchnorm
+    from model.network import FusionNet, ModelConfig
+
+    torch.manual_seed(0)
+    plain = FusionNet(ModelConfig(), pretrained=False).eval()
+    synced = sync_batchnorm(FusionNet(ModelConfig(), pretrained=False))
+    synced.load_state_dict(plain.state_dict())
+    synced.eval()
+    assert isinstance(synced, FusionNet)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    assert list(synced.state_dict()) == list(plain.state_dict())
+    x, meta = torch.rand(2, 3, 64, 64), torch.zeros(2, 20)
+    with torch.no_grad():
+        assert torch.allclose(synced(x, meta), plain(x, meta), atol=1e-6)
+
+
 def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
 
