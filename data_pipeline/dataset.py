@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
 from common.errors import DataError, DermError
 from data_pipeline.ham10000 import metadata_matrix
@@ -82,17 +83,64 @@ def expected_class_share(counts: np.ndarray, power: float) -> np.ndarray:
     return mass / mass.sum()
 
 
+class DistributedWeightedSampler(Sampler[int]):
+    """One rank's share of one weighted sample with replacement, for ``DistributedDataParallel``.
+
+    Every rank draws the same ``num_samples`` (rounded up to a multiple of the world size) indices
+    from one generator seeded with ``seed + epoch``, and keeps positions ``rank, rank + world,
+    ...``: the shares are disjoint, equally long (so every rank runs the same number of steps),
+    and together they are exactly the sample one process would have drawn. Call
+    :meth:`set_epoch` before each epoch, as with ``DistributedSampler``; an epoch's sample is
+    deterministic, so a resumed run draws what the uninterrupted one would have.
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[float],
+        num_samples: int,
+        rank: int,
+        world_size: int,
+        seed: int = 0,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of size {world_size}")
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.per_rank = math.ceil(num_samples / world_size)
+        self.total = self.per_rank * world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        sample = torch.multinomial(self.weights, self.total, replacement=True, generator=generator)
+        return iter(sample[self.rank :: self.world_size].tolist())
+
+
 def make_weighted_sampler(
     labels: Sequence[int],
     power: float = 0.5,
     num_samples: int | None = None,
     seed: int = 0,
-) -> WeightedRandomSampler:
-    """A :class:`WeightedRandomSampler` drawing class c with share ∝ ``n_c ** (1 - power)``."""
+    rank: int = 0,
+    world_size: int = 1,
+) -> WeightedRandomSampler | DistributedWeightedSampler:
+    """A sampler drawing class c with share ∝ ``n_c ** (1 - power)``: a
+    :class:`WeightedRandomSampler` in one process, this rank's
+    :class:`DistributedWeightedSampler` share when ``world_size`` > 1."""
     if not 0.0 <= power <= 1.0:
         raise ValueError(f"sampler power must be in [0, 1], got {power}")
     y = np.asarray(labels, dtype=np.int64)
     per_class = class_sampling_weights(class_counts(y), power)
+    if world_size > 1:
+        return DistributedWeightedSampler(
+            per_class[y].tolist(), num_samples or len(y), rank, world_size, seed=seed
+        )
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(
         weights=per_class[y].tolist(),

@@ -4,6 +4,9 @@ Each migration has a version number and a function that receives a connection in
 migration transaction. Applied versions are recorded in ``schema_migrations(version, description,
 applied_at)``; :func:`migrate` applies only the pending ones, in order, in one transaction (on
 SQLite and PostgreSQL DDL is transactional, so a failing migration leaves the database as it was).
+Several processes may open one database at once (app servers behind a proxy): SQLite serialises
+them with ``BEGIN IMMEDIATE``, PostgreSQL with a transaction-scoped advisory lock, so the second
+one waits, then finds the migrations recorded.
 
 A fresh database runs the very same steps as an upgraded one, so migration 1 creates the tables
 as they were in version 1 (a frozen copy below, not :mod:`db.models`). To change the schema:
@@ -31,6 +34,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    func,
     insert,
     inspect,
     select,
@@ -40,6 +44,9 @@ from common.errors import DermError
 from db.models import UTCDateTime, utcnow
 
 MIGRATIONS_TABLE = "schema_migrations"
+#: PostgreSQL advisory-lock key held while migrating (any constant 64-bit number; this one is
+#: ``zlib.crc32(b"dermfusion.schema_migrations")``).
+PG_MIGRATION_LOCK = 0x69FF_42A0
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,9 @@ def migrate(engine: Engine, migrations: list[Migration] | None = None) -> list[i
     with engine.connect() as conn:
         conn.execution_options(sqlite_immediate=True)
         with conn.begin():
+            if conn.dialect.name == "postgresql":
+                # Released at commit / rollback; a concurrent migrate() waits here.
+                conn.execute(select(func.pg_advisory_xact_lock(PG_MIGRATION_LOCK)))
             schema_migrations.create(conn, checkfirst=True)
             done = applied_versions(conn)
             newest = max(done, default=0)

@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy import ColumnElement, Select, String, func, literal_column, select
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, defer
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from common.errors import DermError
 from common.text import clip, echo
@@ -40,6 +43,30 @@ def _start(value: date | datetime) -> datetime:
     if isinstance(value, datetime):
         return as_utc(value)
     return datetime.combine(value, time.min, tzinfo=UTC)
+
+
+class utc_day(FunctionElement[str]):
+    """``YYYY-MM-DD`` of a stored (naive UTC) timestamp, as text on every engine.
+
+    SQLite's ``date()`` returns text; PostgreSQL's returns a DATE whose text form depends on the
+    session's DateStyle, so there the day is formatted explicitly with ``to_char``.
+    """
+
+    type = String()
+    name = "utc_day"
+    inherit_cache = True
+
+
+@compiles(utc_day)
+def _utc_day_default(element: utc_day, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(func.date(*element.clauses.clauses), **kw)
+
+
+@compiles(utc_day, "postgresql")
+def _utc_day_postgresql(element: utc_day, compiler: SQLCompiler, **kw: Any) -> str:
+    # A constant format, inlined (a bound parameter would make GROUP BY see two expressions).
+    fmt: ColumnElement[str] = literal_column("'YYYY-MM-DD'", String())
+    return compiler.process(func.to_char(*element.clauses.clauses, fmt), **kw)
 
 
 def _prob(value: Any, name: str) -> float | None:
@@ -126,6 +153,9 @@ class HistoryFilter:
             raise DermError(f"Minimum age {self.age_min:g} is above maximum age {self.age_max:g}.")
 
         self.model_version = None if _blank(self.model_version) else str(self.model_version).strip()
+        if self.model_version is not None and "\x00" in self.model_version:
+            # PostgreSQL refuses NUL in text where SQLite would just find nothing; same answer.
+            raise DermError(f"Model version {echo(self.model_version)} contains a NUL character.")
 
     def _since_start(self) -> datetime:
         assert isinstance(self.since, (date, datetime))  # parsed in __post_init__
@@ -239,7 +269,7 @@ def counts_per_class_per_day(
     session: Session, f: HistoryFilter | None = None
 ) -> list[tuple[str, str, int]]:
     """``(YYYY-MM-DD, class, n)`` per UTC day and top class, oldest day first."""
-    day = func.date(PredictionRecord.created_at).label("day")
+    day = utc_day(PredictionRecord.created_at).label("day")
     stmt = _filtered(
         select(day, PredictionRecord.predicted_class, func.count(PredictionRecord.id)), f
     ).group_by(day, PredictionRecord.predicted_class)

@@ -111,6 +111,8 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     resolved = resolve_db_url(url)
     u = parse_url(resolved)
     if u.get_backend_name() != "sqlite":
+        # A server may restart or drop idle connections under a long-running app.
+        kwargs.setdefault("pool_pre_ping", True)
         try:
             return create_engine(u, **kwargs)
         except ImportError as exc:

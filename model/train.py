@@ -11,6 +11,9 @@ Files written to ``out`` as training goes (so a killed run can ``--resume``):
 * ``splits.csv``      — every row used, with its source and split;
 * at the end ``model.safetensors`` + ``config.json`` + ``ood.safetensors`` — the calibrated final
   checkpoint, with val, external-val and test metrics.
+
+Started by ``torchrun`` the same loop runs data-parallel (``DistributedDataParallel``); what that
+changes, and why, is in :mod:`model.distributed`. Only rank 0 writes any of these files.
 """
 
 from __future__ import annotations
@@ -30,11 +33,17 @@ from torch.utils.data import DataLoader
 
 from common.errors import DermError
 from common.plotting import pyplot
-from data_pipeline.dataset import LesionDataset, class_counts, make_weighted_sampler
+from data_pipeline.dataset import (
+    DistributedWeightedSampler,
+    LesionDataset,
+    class_counts,
+    make_weighted_sampler,
+)
 from data_pipeline.schema import CLASSES
 from data_pipeline.sources import Source, class_masks, load_sources
 from data_pipeline.splits import DEFAULT_SPLITS, REPO_ROOT
 from data_pipeline.transforms import DEFAULT_SIZE, AugmentConfig, ImageTransform, Preprocessing
+from model import distributed
 from model.checkpoint import CheckpointConfig, load_checkpoint, save_checkpoint
 from model.ema import WeightEMA
 from model.engine import eval_loader
@@ -176,18 +185,27 @@ def plot_learning_curve(history: list[dict], path: Path) -> None:
 
 def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
     """Load every source, write ``splits.csv`` and build the loaders."""
+    rank, world = distributed.rank(), distributed.world_size()
+    if rank != 0:
+        distributed.barrier()  # rank 0 first: it may create the split file
     df, sources, split_hash = load_sources(
         cfg.data_dir, cfg.splits, cfg.extra_train, cfg.external_val, seed=cfg.seed
     )
-    df[["source", "image_id", "lesion_id", "dx", "split"]].to_csv(out / "splits.csv", index=False)
+    if rank == 0:
+        distributed.barrier()
+        df[["source", "image_id", "lesion_id", "dx", "split"]].to_csv(
+            out / "splits.csv", index=False
+        )
     pre = cfg.preprocessing()
     train_df = df[df["split"] == "train"]
     masks = class_masks(train_df, sources) if cfg.source_mask else None
     blank = cfg.meta_blank_prob if cfg.use_metadata else 0.0
     train_tf = ImageTransform(pre, train=True, aug=cfg.augment())
-    train_ds = LesionDataset(train_df, train_tf, blank, cfg.seed, masks=masks)
+    train_ds = LesionDataset(train_df, train_tf, blank, cfg.seed + rank, masks=masks)
     n = cfg.epoch_samples or len(train_ds)
-    sampler = make_weighted_sampler(train_ds.labels, cfg.sampler_power, n, seed=cfg.seed)
+    sampler = make_weighted_sampler(
+        train_ds.labels, cfg.sampler_power, n, seed=cfg.seed, rank=rank, world_size=world
+    )
     train = DataLoader(
         train_ds,
         batch_size=cfg.batch_size,
@@ -236,9 +254,19 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[FusionNet, str]
 class Trainer:
     """One training job: the model, its optimiser and schedule, and the epoch loop pieces."""
 
-    def __init__(self, cfg: TrainConfig, data: TrainData, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: TrainData,
+        device: torch.device,
+        dist_info: distributed.DistInfo | None = None,
+    ) -> None:
         self.cfg, self.data, self.device = cfg, data, device
-        self.model, self.init_version = build_model(cfg, device)
+        self.dist = dist_info or distributed.DistInfo()
+        model, self.init_version = build_model(cfg, device)
+        self.model = distributed.prepare_model(model, self.dist, device)
+        # What runs forward / backward: DDP under torchrun, else the model itself.
+        self.net = distributed.wrap(self.model, self.dist, device)
         self.opt = torch.optim.AdamW(
             self.model.param_groups(cfg.lr, cfg.backbone_lr_mult), weight_decay=cfg.weight_decay
         )
@@ -273,21 +301,31 @@ class Trainer:
         from tqdm import tqdm
 
         self.model.train()
+        sampler = self.data.train.sampler
+        if isinstance(sampler, DistributedWeightedSampler):
+            sampler.set_epoch(epoch)
         t0, seen, total = time.time(), 0, 0.0
-        bar = tqdm(self.data.train, total=self.steps, desc=f"epoch {epoch}/{self.cfg.epochs}")
+        bar = tqdm(
+            self.data.train,
+            total=self.steps,
+            desc=f"epoch {epoch}/{self.cfg.epochs}",
+            disable=not self.dist.is_main,
+        )
         for step, batch in enumerate(bar):
             if step >= self.steps:
                 break
             images, meta, y = (t.to(self.device) for t in batch[:3])
             mask = batch[3].to(self.device) if len(batch) > 3 else None
             with torch.autocast(device_type=self.device.type, enabled=self.device.type == "cuda"):
-                logits = self.model(images, meta).float()
+                logits = self.net(images, meta).float()
             loss = self.loss(logits, y, mask)
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
             self.scaler.update()
             self.sched.step()
+            if self.dist.enabled and not _synced_bn(self.device):
+                distributed.sync_buffers(self.model)  # rank 0's BatchNorm statistics everywhere
             if self.ema is not None:
                 self.ema.update(self.model)
             seen += len(y)
@@ -295,10 +333,20 @@ class Trainer:
             bar.set_postfix(loss=f"{total / seen:.3f}", img_s=f"{seen / (time.time() - t0):.1f}")
         bar.close()
         elapsed = time.time() - t0
-        return {"train_loss": total / max(seen, 1), "train_img_per_s": seen / elapsed}
+        total, n = distributed.all_sum(total, seen)  # over all ranks
+        return {"train_loss": total / max(n, 1), "train_img_per_s": n / elapsed}
 
     def validate_epoch(self, epoch: int, train_stats: dict, t0: float) -> tuple[dict, dict]:
-        """Score every validation set; returns (history row, per-set metrics)."""
+        """Score every validation set; returns (history row, per-set metrics).
+
+        Under DDP rank 0 scores the full sets alone (identical to one process) and every rank
+        receives its result, so all take the same selection and early-stopping decisions."""
+        result = None
+        if self.dist.is_main:
+            result = self._validate_epoch(epoch, train_stats, t0)
+        return cast(tuple[dict, dict], distributed.broadcast(result))
+
+    def _validate_epoch(self, epoch: int, train_stats: dict, t0: float) -> tuple[dict, dict]:
         per_set = validate(self.evaluated, self.data.sets, self.device)
         val = per_set["val"]
         row: dict[str, Any] = {
@@ -347,7 +395,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
-        print(f"resumed from {state_path} after epoch {int(state['epoch'])}", flush=True)
+        if self.dist.is_main:
+            print(f"resumed from {state_path} after epoch {int(state['epoch'])}", flush=True)
         return Progress(
             history=json.loads(state["history_json"]),
             start_epoch=int(state["epoch"]) + 1,
@@ -356,8 +405,18 @@ class Trainer:
         )
 
 
+def _synced_bn(device: torch.device) -> bool:
+    """SyncBatchNorm is used under DDP on CUDA; PyTorch's does not run on CPU (see
+    :mod:`model.distributed`)."""
+    return device.type == "cuda"
+
+
 def base_config(
-    cfg: TrainConfig, data: TrainData, device: torch.device, init_version: str = ""
+    cfg: TrainConfig,
+    data: TrainData,
+    device: torch.device,
+    init_version: str = "",
+    dist_info: distributed.DistInfo | None = None,
 ) -> dict[str, Any]:
     """What the checkpoint says about how it was made (command, data, recipe)."""
     return dict(
@@ -374,23 +433,56 @@ def base_config(
             "selection_rule": SELECTION_RULE,
             "init_from_version": init_version,
             "device": str(device),
+            **_distributed_config(dist_info or distributed.DistInfo(), device, cfg.batch_size),
         },
     )
 
 
+def _distributed_config(
+    info: distributed.DistInfo, device: torch.device, batch_size: int
+) -> dict[str, Any]:
+    """``world_size`` always; how the processes cooperated when there were several."""
+    if not info.enabled:
+        return {"world_size": 1}
+    return {
+        "world_size": info.world_size,
+        "distributed": {
+            "backend": info.backend,
+            "batch_size_per_process": batch_size,
+            "global_batch_size": batch_size * info.world_size,
+            "sync_batchnorm": _synced_bn(device),
+            "sampler": "DistributedWeightedSampler (disjoint shares of one weighted sample)",
+            "validation": "rank 0 on the full validation sets",
+        },
+    }
+
+
 def train(cfg: TrainConfig) -> Path:
-    """Run a full training job; returns the output folder holding the final checkpoint."""
+    """Run a full training job; returns the output folder holding the final checkpoint.
+
+    Under ``torchrun`` every process runs this; they join one process group first."""
+    info, dist_device = distributed.init(cfg.device)
+    try:
+        return _train(cfg, info, dist_device or pick_device(cfg.device))
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    # Each rank its own augmentation / dropout stream; rank 0's is the single-process one.
+    seed_everything(cfg.seed + info.rank)
     data = prepare_data(cfg, out)
-    trainer = Trainer(cfg, data, device)
+    trainer = Trainer(cfg, data, device, info)
     state_path = out / "state.pt"
     progress = trainer.restore(state_path) if cfg.resume and state_path.is_file() else Progress()
-    base = base_config(cfg, data, device, trainer.init_version)
+    if info.enabled and progress.start_epoch > 1:
+        # state.pt holds rank 0's random state; give every rank back a stream of its own.
+        seed_everything(cfg.seed + info.rank + 7919 * progress.start_epoch)
+    base = base_config(cfg, data, device, trainer.init_version, info)
     for epoch in range(progress.start_epoch, cfg.epochs + 1):
         if progress.best_epoch and epoch - progress.best_epoch > cfg.patience:
             print(f"early stop: no val improvement for {cfg.patience} epochs", flush=True)
@@ -398,15 +490,25 @@ def train(cfg: TrainConfig) -> Path:
         t0 = time.time()
         row, per_set = trainer.validate_epoch(epoch, trainer.train_epoch(epoch), t0)
         progress.history.append(row)
-        if row["selection_score"] > progress.best_score:
+        improved = row["selection_score"] > progress.best_score
+        if improved:
             progress.best_score, progress.best_epoch = row["selection_score"], epoch
-            ck = CheckpointConfig(**base, metrics={"val_uncalibrated": per_set})
-            ck.training["best_epoch"] = epoch
-            save_checkpoint(trainer.evaluated, ck, out / "best")
-        write_history(progress.history, out)
-        torch.save(trainer.state(epoch, progress), state_path.with_suffix(".tmp"))
-        state_path.with_suffix(".tmp").replace(state_path)
-    return finalize(out, data.sets, device)
+        if info.is_main:
+            if improved:
+                ck = CheckpointConfig(**base, metrics={"val_uncalibrated": per_set})
+                ck.training["best_epoch"] = epoch
+                save_checkpoint(trainer.evaluated, ck, out / "best")
+            write_history(progress.history, out)
+            torch.save(trainer.state(epoch, progress), state_path.with_suffix(".tmp"))
+            state_path.with_suffix(".tmp").replace(state_path)
+    if info.enabled:
+        digest = distributed.check_identical(trainer.model, trainer.evaluated)
+        if info.is_main:
+            print(f"all {info.world_size} ranks hold identical weights (sha256 {digest})")
+    if info.is_main:
+        finalize(out, data.sets, device)
+    distributed.barrier()  # the other ranks wait for rank 0's final checkpoint
+    return out
 
 
 def finalize(out: Path, sets: EvalSets, device: torch.device) -> Path:

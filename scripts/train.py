@@ -5,17 +5,24 @@ python -m scripts.train --data-dir ../shared/ham10000 --extra-train ../shared/is
     --external-val ../shared/isic2017/val --out runs/v2
 python -m scripts.train ... --init-from model/shipped --init-member 0   # fine-tune a trained model
 python -m scripts.train ... --resume          # continue a killed run from OUT/state.pt
+
+Data-parallel on N GPUs (or N CPU processes with gloo), one machine or several:
+torchrun --nproc_per_node N -m scripts.train ...        # --batch-size is per process
+torchrun --nnodes 2 --nproc_per_node N --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+    --rdzv-id JOB -m scripts.train ...
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from dataclasses import fields
 
 from common.cli import run_cli
 from data_pipeline.transforms import COLOR_CONSTANCY, GEOMETRIES
+from model.distributed import env_rank
 from model.losses import LOSSES
 from model.train import TrainConfig, train
 
@@ -36,7 +43,7 @@ HELP: dict[str, str] = {
     "acquisition_aug": "gamma / JPEG / down-and-up-scaling augmentations in training",
     "epochs": "maximum number of epochs (cosine schedule length)",
     "epoch_samples": "images drawn per epoch by the weighted sampler (0: the training-set size)",
-    "batch_size": "training batch size",
+    "batch_size": "training batch size (per process under torchrun)",
     "lr": "peak learning rate of the new layers (head, metadata MLP)",
     "backbone_lr_mult": "backbone learning rate as a fraction of --lr",
     "weight_decay": "AdamW weight decay",
@@ -86,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def launcher() -> list[str]:
+    """How this process was started, for the recorded command: torchrun's world, else python."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return ["python"]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
+    return ["torchrun", "--nnodes", str(world // per_node), "--nproc_per_node", str(per_node)]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = vars(build_parser().parse_args(argv))
@@ -93,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     args["pretrained"] = not args.pop("no_pretrained")
     args["extra_train"] = tuple(args["extra_train"])
     args["external_val"] = tuple(args["external_val"])
-    args["command"] = shlex.join(["python", "-m", "scripts.train", *argv])
+    args["command"] = shlex.join([*launcher(), "-m", "scripts.train", *argv])
     out = train(TrainConfig(**args))
-    print(f"checkpoint written to {out}")
+    if env_rank() == 0:
+        print(f"checkpoint written to {out}")
     return 0
 
 

@@ -4,6 +4,7 @@ untrained checkpoint, and the real data copy (skipped with a reason when absent)
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,44 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     feat = int(model.backbone.num_features)
     FeatureDistance(torch.randn(16, feat), 1e9).save(out)
     return out
+
+
+# --- history databases: SQLite and PostgreSQL ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """Admin URL of a PostgreSQL server for the whole session (see :mod:`tests.pg`): a throw-away
+    one, or ``$DERMFUSION_POSTGRES_URL``. Skipped with the reason where neither is possible,
+    failed instead when ``DERMFUSION_REQUIRE_POSTGRES=1`` (CI)."""
+    from tests import pg
+
+    reason = pg.unavailable_reason()
+    if reason is not None:
+        if os.environ.get(pg.REQUIRE_ENV) == "1":
+            pytest.fail(f"PostgreSQL tests required ({pg.REQUIRE_ENV}=1) but {reason}")
+        pytest.skip(reason)
+    with pg.server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL database, dropped after the test."""
+    from tests import pg
+
+    url = pg.create_database(postgres_server)
+    yield url
+    pg.drop_database(postgres_server, url)
+
+
+#: The engines every database test runs against; ``-m "not postgres"`` keeps SQLite only.
+DB_BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=DB_BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """URL of a fresh, empty history database on each backend (one test per backend)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db' / 'history.db'}"
+    return str(request.getfixturevalue("postgres_url"))

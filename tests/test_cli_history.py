@@ -1,4 +1,6 @@
-"""CLIs: ``scripts.predict`` (with and without --db) and ``scripts.query_history``."""
+"""CLIs: ``scripts.predict`` (with and without --db) and ``scripts.query_history``.
+
+Tests taking ``db_url`` run on SQLite and on a real PostgreSQL server (see ``tests/pg.py``)."""
 
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def test_acceptance_flow_in_process(jpgs, tiny_checkpoint, tmp_path, capsys):
-    url = f"sqlite:///{tmp_path / 'h.db'}"
+def test_acceptance_flow_in_process(jpgs, tiny_checkpoint, db_url, capsys):
+    url = db_url
     code, out, err = run(
         predict.main,
         [
@@ -112,10 +114,10 @@ def test_predict_without_db_stores_nothing_json(
     assert not list(tmp_path.glob("*.db"))  # nothing stored anywhere
 
 
-def test_predict_bad_image_among_several(jpgs, tiny_checkpoint, tmp_path, capsys):
+def test_predict_bad_image_among_several(jpgs, tiny_checkpoint, tmp_path, db_url, capsys):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
-    url = f"sqlite:///{tmp_path / 'h.db'}"
+    url = db_url
     code, out, err = run(
         predict.main,
         [jpgs[0], bad, jpgs[1], "--db", url, "--checkpoint", tiny_checkpoint, "--json"],
@@ -170,9 +172,9 @@ def test_predict_heatmap_dir(jpgs, tiny_checkpoint, tmp_path, capsys):
 
 
 def test_query_filters_csv_stats_and_env_default(
-    jpgs, tiny_checkpoint, tmp_path, capsys, monkeypatch
+    jpgs, tiny_checkpoint, db_url, capsys, monkeypatch
 ):
-    url = f"sqlite:///{tmp_path / 'env.db'}"
+    url = db_url
     monkeypatch.setenv(DB_URL_ENV, url)  # used when --db is not given
     code, _, err = run(
         predict.main,
@@ -233,6 +235,9 @@ def test_query_filters_csv_stats_and_env_default(
     stats = json.loads(out)
     assert sum(s["count"] for s in stats) == 3
     assert all(set(s) == {"day", "class", "count"} for s in stats)
+    code, out, _ = run(query_history.main, ["--format", "json"], capsys)
+    days = {r["created_at"][:10] for r in json.loads(out)}  # UTC days, on every engine
+    assert {s["day"] for s in stats} == days
     code, out, _ = run(query_history.main, ["--stats"], capsys)
     assert code == 0 and "3 prediction(s)" in out and out.startswith("day")
     code, out, _ = run(query_history.main, ["--stats", "--format", "csv"], capsys)
@@ -251,8 +256,8 @@ def test_query_filters_csv_stats_and_env_default(
         (["--limit", "0"], "Limit 0"),
     ],
 )
-def test_query_bad_filters_exit_2(argv, message, tmp_path, capsys):
-    url = f"sqlite:///{tmp_path / 'q.db'}"
+def test_query_bad_filters_exit_2(argv, message, db_url, capsys):
+    url = db_url
     from db.session import Database
 
     Database(url).dispose()
@@ -269,8 +274,8 @@ def test_query_missing_database_is_not_created(tmp_path, capsys):
     assert not path.exists()
 
 
-def test_sql_text_in_model_version_filter_is_harmless(tmp_path, capsys):
-    url = f"sqlite:///{tmp_path / 'q.db'}"
+def test_sql_text_in_model_version_filter_is_harmless(db_url, capsys):
+    url = db_url
     from db.session import Database
 
     Database(url).dispose()

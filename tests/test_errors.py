@@ -162,8 +162,9 @@ def test_unopenable_database_is_one_clear_line_everywhere(tmp_path, tiny_checkpo
 # --- missing database driver ----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(HAS_PSYCOPG, reason="psycopg is installed")
-def test_missing_driver_names_the_fix(tiny_checkpoint, tmp_path, capsys):
+def test_missing_driver_names_the_fix(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    if HAS_PSYCOPG:  # hide the installed driver: importing it now fails as if it were absent
+        monkeypatch.setitem(sys.modules, "psycopg", None)
     for line in errors_at_every_entry_point(POSTGRES_URL, tiny_checkpoint, tmp_path, capsys):
         assert 'pip install -e ".[postgres]"' in line and "psycopg" in line, line
 
