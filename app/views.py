@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from common.text import DISCLAIMER
 from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT
@@ -112,7 +112,7 @@ def probabilities_html(probabilities: dict[str, float]) -> str:
             f'<span class="prob-name">{html.escape(class_label(c))}</span>'
             f'<span class="prob-track"><span class="prob-bar" '
             f'style="width:{max(0.5, 100 * p):.1f}%;background:{colour}"></span></span>'
-            f'<span class="prob-value">{percent(p)}</span></div>'
+            f'<span class="prob-value">{html.escape(percent(p))}</span></div>'
         )
     legend = (
         f'<div class="prob-legend"><span style="color:{MALIGNANT_COLOUR}">■</span> malignant or '
@@ -272,7 +272,7 @@ HISTORY_TABLE_COLUMNS = [
     "site",
     "model",
 ]
-HISTORY_TABLE_TYPES = [
+HISTORY_TABLE_TYPES: list[Literal["str", "number", "markdown"]] = [
     "markdown",
     "number",
     "str",
@@ -287,10 +287,13 @@ HISTORY_TABLE_TYPES = [
 ]
 
 
-def history_table_row(r: PredictionRecord, now: datetime | None = None) -> list[Any]:
-    """One History-tab row: thumbnail, id, time, class, probability %, flags, confirmed label."""
+def history_table_row(
+    r: PredictionRecord, thumbnail: bytes | None, now: datetime | None = None
+) -> list[Any]:
+    """One History-tab row: thumbnail, id, time, class, probability %, flags, confirmed label
+    (``r`` may come from a listing without image bytes; the thumbnail is passed separately)."""
     return [
-        thumbnail_markdown(r.thumbnail, f"#{r.id}"),
+        thumbnail_markdown(thumbnail, f"#{r.id}"),
         r.id,
         readable_time(r.created_at, now),
         class_label(r.predicted_class),
@@ -305,7 +308,15 @@ def history_table_row(r: PredictionRecord, now: datetime | None = None) -> list[
 
 
 BATCH_TABLE_COLUMNS = ["image", "file", "id", "top class", "probability", "flags", "error"]
-BATCH_TABLE_TYPES = ["markdown", "str", "str", "str", "str", "str", "str"]
+BATCH_TABLE_TYPES: list[Literal["str", "number", "markdown"]] = [
+    "markdown",
+    "str",
+    "str",
+    "str",
+    "str",
+    "str",
+    "str",
+]
 
 
 def batch_table_row(row: BatchRow, thumbnail: bytes | None) -> list[Any]:

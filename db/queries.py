@@ -262,6 +262,15 @@ def counts_per_class_per_day(
     return sorted(rows, key=lambda r: (r[0], order.get(r[1], len(order)), r[1]))
 
 
+def thumbnails(session: Session, ids: list[int]) -> dict[int, bytes | None]:
+    """``{id: thumbnail}`` of the given rows (one query; a table's page of thumbnails)."""
+    if not ids:
+        return {}
+    P = PredictionRecord
+    stmt = select(P.id, P.thumbnail).where(P.id.in_([int(i) for i in ids]))
+    return {int(i): t for i, t in session.execute(stmt)}
+
+
 def get_prediction(session: Session, prediction_id: int) -> PredictionRecord | None:
     return session.get(PredictionRecord, int(prediction_id))
 
@@ -351,4 +360,5 @@ __all__ = [
     "normalize_confirmation",
     "parse_date",
     "query_predictions",
+    "thumbnails",
 ]

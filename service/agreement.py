@@ -120,9 +120,8 @@ def _pct(value: float | None) -> str:
 def summary_lines(a: Agreement) -> list[str]:
     """The headline numbers, one per line (no Markdown)."""
     noun = "prediction" if a.n_predictions == 1 else "predictions"
-    lines = [
-        f"{a.n_confirmed} of {a.n_predictions} {noun} have a confirmed diagnosis.",
-    ]
+    verb = "has" if a.n_confirmed == 1 else "have"
+    lines = [f"{a.n_confirmed} of {a.n_predictions} {noun} {verb} a confirmed diagnosis."]
     if a.n_confirmed:
         lines += [
             f"Balanced accuracy (mean sensitivity over confirmed classes): "

@@ -29,6 +29,7 @@ from db.queries import (
     delete_prediction,
     get_prediction,
     query_predictions,
+    thumbnails,
 )
 from db.session import Database, error_reason
 from model.attribution import resize_heatmap
@@ -103,6 +104,12 @@ class PredictionService:
             ) from exc
         return StoredPrediction(id=row_id, prediction=pred, stored=True)
 
+    def explain(self, request: PredictionRequest) -> Prediction:
+        """Predict with explanations without storing anything: re-explaining a result for
+        another class (``request.target``) must not add a second history row."""
+        with self._lock:
+            return self.predictor.predict(request, explain=True)
+
     def _record(self, pred: Prediction, request: PredictionRequest) -> PredictionRecord:
         cfg = self.predictor.config
         # The thumbnail shows the (aspect-cropped) region the model saw, so the stored heatmap,
@@ -157,6 +164,11 @@ class PredictionService:
     def get(self, prediction_id: int) -> PredictionRecord | None:
         with self._database().session() as session:
             return get_prediction(session, prediction_id)
+
+    def thumbnails(self, ids: list[int]) -> dict[int, bytes | None]:
+        """``{id: thumbnail JPEG}`` of the listed rows (for tables of long listings)."""
+        with self._database().session() as session:
+            return thumbnails(session, ids)
 
     def count(self, f: FilterLike = None) -> int:
         with self._database().session() as session:
