@@ -119,6 +119,16 @@ RESULTS_PLACEHOLDER = (
     '<div class="alert alert-info">Results appear here after you press <b>Analyse</b>.</div>'
 )
 TOP_CLASS = "top"  # the "explain" choice meaning: the predicted class
+#: Gallery captions (the full names do not fit under a thumbnail).
+SHORT_NAMES = {
+    "akiec": "Actinic keratosis",
+    "bcc": "Basal cell ca.",
+    "bkl": "Benign keratosis",
+    "df": "Dermatofibroma",
+    "mel": "Melanoma",
+    "nv": "Nevus",
+    "vasc": "Vascular",
+}
 
 Components = dict[str, Any]
 Values = dict[str, Any]
@@ -282,7 +292,7 @@ def explain_again(
 ) -> Values:
     """Explain the current result for another class, without storing a second row."""
     if not view or not image:
-        return {}
+        return {k: gr.skip() for k in ("heatmap", "chart", "view", "explained")}
     with _shown_as_errors("explaining the image", "Cannot explain this class"):
         request = PredictionRequest.build(
             image, age, sex, site, _target(target), name=Path(image).name
@@ -298,20 +308,20 @@ def explain_again(
 def redraw_heatmap(view: dict[str, Any] | None, opacity: Any) -> Values:
     """The heatmap at another opacity (no new prediction)."""
     if not view or view.get("image") is None:
-        return {}
+        return {"heatmap": gr.skip()}
     return {"heatmap": side_by_side(view["image"], view.get("heatmap"), _opacity(opacity))}
 
 
 def check_upload(image: str | None) -> Values:
     """Flag a file that is not a usable image as soon as it is uploaded (and clear it)."""
     if not image:
-        return {}
+        return {"image": gr.skip()}
     try:
         read_image(image, Path(image).name)
     except DermError as exc:
         gr.Warning(str(exc), title="This file cannot be analysed", duration=None)
         return {"image": None}
-    return {}
+    return {"image": gr.skip()}
 
 
 def _read_examples() -> list[dict[str, Any]]:
@@ -333,7 +343,8 @@ def _read_examples() -> list[dict[str, Any]]:
                         "age": (r.get("age") or "").strip(),
                         "sex": r.get("sex") or UNKNOWN,
                         "site": r.get("localization") or UNKNOWN,
-                        "caption": f"{CLASS_NAMES.get(dx, dx)} ({how})",
+                        "caption": SHORT_NAMES.get(dx, dx),
+                        "confirmed_by": how,
                     }
                 )
     return rows
@@ -429,7 +440,7 @@ def _analyse_outputs() -> Components:
     ui["info"] = gr.Markdown(elem_id="result-info")
     with gr.Row():
         ui["report_btn"] = gr.Button("Case report (PDF)", size="sm")
-        ui["report"] = gr.File(label="Case report", visible=True, height=60)
+        ui["report"] = gr.File(label="Case report", visible=False)
     with gr.Accordion("Full result (JSON, as returned by the API)", open=False):
         ui["result"] = gr.JSON(label="Result")
     ui["view"] = gr.State(None)
@@ -442,14 +453,19 @@ PREDICT_OUTPUTS = ("probabilities", "alerts", "heatmap", "chart", "info", "resul
 PREDICT_INPUTS = ("image", "age", "sex", "site", "target", "opacity")
 
 
+def _confirmations(examples: list[dict[str, Any]]) -> str:
+    kinds = sorted({e["confirmed_by"] for e in examples if e["confirmed_by"]})
+    return " / ".join(kinds) or "expert"
+
+
 def _examples_gallery(inputs: Components) -> None:
     examples = _read_examples()
     if not examples:
         return
     gallery = gr.Gallery(
         value=[(e["image"], e["caption"]) for e in examples],
-        label="Examples: HAM10000 test-split images (CC BY-NC 4.0) with their confirmed "
-        "diagnosis; click one to load it",
+        label="Examples: HAM10000 test-split images (CC BY-NC 4.0), captioned with their "
+        f"{_confirmations(examples)}-confirmed diagnosis; click one to load it",
         columns=4,
         height="auto",
         allow_preview=False,
@@ -519,7 +535,8 @@ def build_analyse_ui(service: PredictionService, exports: Path) -> Components:
                 title="No stored prediction",
                 print_exception=False,
             )
-        return {outputs["report"]: case_report(service, exports, view["id"])["report"]}
+        path = case_report(service, exports, view["id"])["report"]
+        return {outputs["report"]: gr.File(value=path, visible=True)}
 
     outputs["report_btn"].click(
         report_of_view, inputs=outputs["view"], outputs=outputs["report"], api_visibility="private"
@@ -632,9 +649,13 @@ def build_batch_ui(service: PredictionService, exports: Path) -> Components:
             file_count="multiple",
             file_types=["image", ".zip", ".tif", ".tiff"],
             min_width=280,
+            elem_id="batch-files",
         )
         ui["metadata"] = gr.File(
-            label="Metadata CSV (optional)", file_types=[".csv"], min_width=280
+            label="Metadata CSV (optional)",
+            file_types=[".csv"],
+            min_width=280,
+            elem_id="batch-csv",
         )
     run_btn = gr.Button("Analyse batch", variant="primary")
     ui["summary"] = gr.Markdown(elem_id="batch-summary")
@@ -915,7 +936,7 @@ def _history_actions() -> tuple[Components, dict[str, gr.Button]]:
     with gr.Row():
         buttons["report"] = gr.Button("Case report (PDF)")
         buttons["delete"] = gr.Button("Delete this prediction…", variant="stop")
-    ui["report"] = gr.File(label="Case report", height=60)
+    ui["report"] = gr.File(label="Case report", elem_id="history-report")
     with gr.Row(visible=False) as ui["delete_row"]:
         gr.Markdown(
             "**Delete this prediction for good?** Its image, heatmap and inputs are removed "
