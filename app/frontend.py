@@ -119,16 +119,6 @@ RESULTS_PLACEHOLDER = (
     '<div class="alert alert-info">Results appear here after you press <b>Analyse</b>.</div>'
 )
 TOP_CLASS = "top"  # the "explain" choice meaning: the predicted class
-#: Gallery captions (the full names do not fit under a thumbnail).
-SHORT_NAMES = {
-    "akiec": "Actinic keratosis",
-    "bcc": "Basal cell ca.",
-    "bkl": "Benign keratosis",
-    "df": "Dermatofibroma",
-    "mel": "Melanoma",
-    "nv": "Nevus",
-    "vasc": "Vascular",
-}
 
 Components = dict[str, Any]
 Values = dict[str, Any]
@@ -343,7 +333,7 @@ def _read_examples() -> list[dict[str, Any]]:
                         "age": (r.get("age") or "").strip(),
                         "sex": r.get("sex") or UNKNOWN,
                         "site": r.get("localization") or UNKNOWN,
-                        "caption": SHORT_NAMES.get(dx, dx),
+                        "caption": views.SHORT_NAMES.get(dx, dx),
                         "confirmed_by": how,
                     }
                 )
@@ -936,7 +926,7 @@ def _history_actions() -> tuple[Components, dict[str, gr.Button]]:
     with gr.Row():
         buttons["report"] = gr.Button("Case report (PDF)")
         buttons["delete"] = gr.Button("Delete this prediction…", variant="stop")
-    ui["report"] = gr.File(label="Case report", elem_id="history-report")
+    ui["report"] = gr.File(label="Case report", elem_id="history-report", visible=False)
     with gr.Row(visible=False) as ui["delete_row"]:
         gr.Markdown(
             "**Delete this prediction for good?** Its image, heatmap and inputs are removed "
@@ -999,8 +989,13 @@ def build_history_ui(service: PredictionService, exports: Path) -> tuple[Compone
         api_description="Record the confirmed diagnosis of a stored prediction: id, diagnosis "
         f"({', '.join(confirmed_dx_choices())}), source ({', '.join(CONFIRM_SOURCES)}), note.",
     ).success(search, inputs=filter_inputs, outputs=listing_outputs, api_visibility="private")
+
+    def report_of_row(prediction_id: Any) -> Any:
+        path = case_report(service, exports, prediction_id)["report"]
+        return gr.File(value=path, visible=True)
+
     buttons["report"].click(
-        _bind(case_report, service, ui, exports),
+        report_of_row,
         inputs=detail["pick_id"],
         outputs=actions["report"],
         api_name="report",
@@ -1075,19 +1070,12 @@ def build_agreement_ui(service: PredictionService) -> tuple[Components, Callable
         label="Confusion matrix: rows = confirmed diagnosis, columns = model's top class",
         elem_id="agreement-confusion",
     )
-    with gr.Row():
-        ui["per_class"] = gr.Dataframe(
-            headers=agreement_view.PER_CLASS_HEADERS,
-            interactive=False,
-            label="Per class",
-            min_width=300,
-        )
-        ui["by_version"] = gr.Dataframe(
-            headers=agreement_view.VERSION_HEADERS,
-            interactive=False,
-            label="By model version",
-            min_width=300,
-        )
+    ui["per_class"] = gr.Dataframe(
+        headers=agreement_view.PER_CLASS_HEADERS, interactive=False, label="Per class"
+    )
+    ui["by_version"] = gr.Dataframe(
+        headers=agreement_view.VERSION_HEADERS, interactive=False, label="By model version"
+    )
     with gr.Accordion("Agreement as JSON (as returned by the API)", open=False):
         ui["agreement"] = gr.JSON()
     handler = _bind(agreement_report, service, ui)

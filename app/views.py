@@ -89,6 +89,26 @@ def alerts_markdown(prediction: Prediction) -> str:
     return "\n\n".join(parts)
 
 
+#: Short class names for tight places (table cells, gallery captions).
+SHORT_NAMES = {
+    "akiec": "Actinic keratosis",
+    "bcc": "Basal cell carcinoma",
+    "bkl": "Benign keratosis",
+    "df": "Dermatofibroma",
+    "mel": "Melanoma",
+    "nv": "Nevus",
+    "vasc": "Vascular lesion",
+    "other": "Other",
+}
+
+
+def short_label(code: str | None) -> str:
+    """``Nevus (nv)``: a short name and the code."""
+    if not code:
+        return ""
+    return f"{SHORT_NAMES.get(code, code)} ({code})"
+
+
 MALIGNANT_COLOUR = "#b91c1c"
 BENIGN_COLOUR = "#2563eb"
 
@@ -241,11 +261,12 @@ def thumbnail_markdown(jpeg: bytes | None, alt: str) -> str:
 
 
 def flags_text(malignant: Sequence[str], n_warnings: int) -> str:
+    """``malignant: mel · 1 warning`` (plain text: emoji are missing from many fonts)."""
     parts = []
     if malignant:
-        parts.append("🔴 " + ", ".join(malignant))
+        parts.append("malignant: " + ", ".join(malignant))
     if n_warnings:
-        parts.append("🟠 " + plural(n_warnings, "warning"))
+        parts.append(plural(n_warnings, "warning"))
     return " · ".join(parts) or "—"
 
 
@@ -296,10 +317,10 @@ def history_table_row(
         thumbnail_markdown(thumbnail, f"#{r.id}"),
         r.id,
         readable_time(r.created_at, now),
-        class_label(r.predicted_class),
+        short_label(r.predicted_class),
         f"{100 * float(r.predicted_probability):.1f} %",
         flags_text(record_flags(r), len(r.warnings or [])),
-        class_label(r.confirmed_dx) if r.confirmed_dx else "",
+        short_label(r.confirmed_dx),
         "" if r.age is None else f"{r.age:g}",
         r.sex,
         r.site,
@@ -321,12 +342,12 @@ BATCH_TABLE_TYPES: list[Literal["str", "number", "markdown"]] = [
 
 def batch_table_row(row: BatchRow, thumbnail: bytes | None) -> list[Any]:
     if not row.ok:
-        return ["—", row.name, "", "", "", "⛔ not analysed", row.error or ""]
+        return ["—", row.name, "", "", "", "not analysed", row.error or ""]
     return [
         thumbnail_markdown(thumbnail, row.name),
         row.name,
         "" if row.prediction_id is None else f"#{row.prediction_id}",
-        class_label(row.top_class or ""),
+        short_label(row.top_class),
         percent(row.probability or 0.0),
         flags_text(row.malignant_flag, len(row.warnings)),
         "",
@@ -350,6 +371,10 @@ def agreement_markdown(a: Agreement) -> str:
         lines.append(
             "Record confirmed diagnoses in the History tab (select a row, then "
             "*Record confirmed diagnosis*) to see how the model does on your patients."
+        )
+    elif a.n_confirmed < 30:
+        lines.append(
+            f"Only {plural(a.n_confirmed, 'confirmed case')}: these percentages are very uncertain."
         )
     head, *rest = lines
     return "\n".join([f"**{head}**", *(f"- {x}" for x in rest)])
