@@ -32,7 +32,7 @@ from model.ood import LOW_CONFIDENCE
 from model.predictor import MALIGNANT_FLAG, Prediction, ordinal
 from service.agreement import Agreement, summary_lines
 from service.batch import BatchRow
-from service.history import class_label, escape_markdown
+from service.history import class_label, escape_markdown, short_label
 from service.prediction import StoredPrediction
 from service.render import small_thumbnail_jpeg
 
@@ -87,26 +87,6 @@ def alerts_markdown(prediction: Prediction) -> str:
         )
     parts.append(f"*{DISCLAIMER}*")
     return "\n\n".join(parts)
-
-
-#: Short class names for tight places (table cells, gallery captions).
-SHORT_NAMES = {
-    "akiec": "Actinic keratosis",
-    "bcc": "Basal cell carcinoma",
-    "bkl": "Benign keratosis",
-    "df": "Dermatofibroma",
-    "mel": "Melanoma",
-    "nv": "Nevus",
-    "vasc": "Vascular lesion",
-    "other": "Other",
-}
-
-
-def short_label(code: str | None) -> str:
-    """``Nevus (nv)``: a short name and the code."""
-    if not code:
-        return ""
-    return f"{SHORT_NAMES.get(code, code)} ({code})"
 
 
 MALIGNANT_COLOUR = "#b91c1c"

@@ -33,6 +33,26 @@ def class_label(code: str) -> str:
     return f"{CLASS_NAMES.get(code, code)} ({code})"
 
 
+#: Short class names for tight places (table cells, gallery captions).
+SHORT_NAMES: dict[str, str] = {
+    "akiec": "Actinic keratosis",
+    "bcc": "Basal cell carcinoma",
+    "bkl": "Benign keratosis",
+    "df": "Dermatofibroma",
+    "mel": "Melanoma",
+    "nv": "Nevus",
+    "vasc": "Vascular lesion",
+    "other": "Other",
+}
+
+
+def short_label(code: str | None) -> str:
+    """``Nevus (nv)``: a short name and the code."""
+    if not code:
+        return ""
+    return f"{SHORT_NAMES.get(code, code)} ({code})"
+
+
 def format_time(value: datetime | None) -> str:
     """``YYYY-MM-DD HH:MM:SS`` in UTC."""
     if value is None:

@@ -17,7 +17,7 @@ from common.plotting import pyplot
 from common.text import DISCLAIMER
 from data_pipeline.schema import CLASSES, MALIGNANT, Metadata
 from db.models import PredictionRecord
-from service.history import class_label, format_age, format_time
+from service.history import class_label, format_age, format_time, short_label
 from service.render import (
     draw_contributions,
     draw_side_by_side,
@@ -46,19 +46,28 @@ def case_report_pdf(record: PredictionRecord, now: datetime | None = None) -> by
     grid = fig.add_gridspec(
         5, 3, height_ratios=[0.55, 2.3, 1.2, 2.0, 1.6], width_ratios=[1, 1, 0.04], hspace=0.55
     )
-    fig.subplots_adjust(left=0.08, right=0.92, top=0.95, bottom=0.05)
+    fig.subplots_adjust(left=0.24, right=0.92, top=0.95, bottom=0.07)
+    fig.text(
+        0.5,
+        0.02,
+        f"{DISCLAIMER} Outputs are probabilities from a statistical model, not a medical opinion.",
+        ha="center",
+        fontsize=8,
+        color="#475569",
+    )
 
     head = fig.add_subplot(grid[0, :])
     head.axis("off")
     head.text(0, 1, f"DermFusion case report — prediction #{record.id}", fontsize=15, va="top")
     head.text(
         0,
-        0.25,
-        f"{DISCLAIMER} Not for clinical use. Report made {format_time(now)} UTC; "
+        0.35,
+        f"{DISCLAIMER} Not for clinical use.\nReport made {format_time(now)} UTC; "
         f"prediction made {format_time(record.created_at)} UTC.",
         fontsize=8.5,
         color=MALIGNANT_COLOUR,
         va="top",
+        linespacing=1.5,
     )
 
     image = thumbnail_from_jpeg(record.thumbnail)
@@ -101,11 +110,11 @@ def case_report_pdf(record: PredictionRecord, now: datetime | None = None) -> by
         )
     warnings = list(record.warnings or [])
     lines += [f"WARNING: {w}" for w in warnings] or ["Warnings: none."]
-    facts.text(0, 1, _wrap("\n".join(lines), 105), fontsize=8.5, va="top", linespacing=1.5)
+    facts.text(0, 1, _wrap("\n".join(lines), 88), fontsize=8.5, va="top", linespacing=1.5)
 
     probs = fig.add_subplot(grid[3, :2])
     values = [100 * float((record.probabilities or {}).get(c, 0.0)) for c in CLASSES][::-1]
-    names = [class_label(c) for c in CLASSES][::-1]
+    names = [short_label(c) for c in CLASSES][::-1]
     colours = [MALIGNANT_COLOUR if c in MALIGNANT else BENIGN_COLOUR for c in CLASSES][::-1]
     probs.barh(names, values, color=colours)
     probs.set_xlim(0, 115)

@@ -262,3 +262,51 @@ def test_no_store_images_leaves_no_upload_on_disk(tiny_checkpoint, tmp_path):
     finally:
         a.demo.close()
         a.service.close()
+
+
+def test_report_of_a_row_without_image_and_with_confirmation():
+    """--no-store-images rows have no thumbnail: the report says so and is still one page."""
+    from datetime import UTC, datetime
+
+    from db.models import PredictionRecord
+    from service.render import heatmap_png
+    from service.report import case_report_pdf
+
+    record = PredictionRecord(
+        id=7,
+        created_at=datetime(2026, 3, 1, tzinfo=UTC),
+        image_sha256="ab" * 32,
+        image_width=600,
+        image_height=450,
+        thumbnail=None,
+        age=None,
+        sex="unknown",
+        site="unknown",
+        predicted_class="mel",
+        predicted_probability=0.42,
+        probabilities={c: (0.42 if c == "mel" else 0.58 / 6) for c in CLASSES},
+        heatmap_png=heatmap_png(np.linspace(0, 1, 64 * 48).reshape(48, 64)),
+        attribution_target="mel",
+        metadata_contributions={"age": 0.0, "sex": 0.0, "site": 0.0},
+        warnings=["Low confidence: the top class has probability 42% (< 50%)."],
+        model_name="m",
+        model_version="m@1",
+        checkpoint_sha256="11" * 32,
+        latency_ms=5.0,
+        confirmed_dx="other",
+        confirmed_source="clinician",
+        confirmed_note="seborrhoeic keratosis",
+        confirmed_at=datetime(2026, 3, 9, tzinfo=UTC),
+    )
+    data = case_report_pdf(record)
+    assert data.startswith(b"%PDF-") and len(re.findall(rb"/Type\s*/Page[^s]", data)) == 1
+
+
+def test_batch_csv_without_an_image_column_is_explained(tmp_path):
+    from common.errors import DermError
+    from service.batch import read_metadata_csv
+
+    with pytest.raises(DermError, match="no image column"):
+        read_metadata_csv(b"age,sex\n40,male\n", "meta.csv")
+    table = read_metadata_csv(b"image_id,age,localization\nISIC_1,40,back\n")
+    assert table == {"isic_1": {"age": "40", "sex": None, "site": "back"}}
