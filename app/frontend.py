@@ -333,7 +333,7 @@ def _read_examples() -> list[dict[str, Any]]:
                         "age": (r.get("age") or "").strip(),
                         "sex": r.get("sex") or UNKNOWN,
                         "site": r.get("localization") or UNKNOWN,
-                        "caption": views.SHORT_NAMES.get(dx, dx),
+                        "caption": history.SHORT_NAMES.get(dx, dx),
                         "confirmed_by": how,
                     }
                 )
@@ -410,10 +410,18 @@ def _analyse_inputs() -> Components:
     return ui
 
 
-def _shown_image(label: str, height: int | None, elem_id: str | None = None) -> gr.Image:
+def _shown_image(
+    label: str, height: int | None, elem_id: str | None = None, visible: bool = True
+) -> gr.Image:
     """A read-only image output (an RGB array, served as PNG)."""
     return gr.Image(
-        label=label, type="numpy", format="png", interactive=False, height=height, elem_id=elem_id
+        label=label,
+        type="numpy",
+        format="png",
+        interactive=False,
+        height=height,
+        elem_id=elem_id,
+        visible=visible,
     )
 
 
@@ -774,10 +782,14 @@ def _detail_values(record: PredictionRecord) -> Values:
     target = record.attribution_target or record.predicted_class
     return {
         "pick_id": str(record.id),
-        "detail_image": side_by_side(image, heat, DEFAULT_OPACITY),
+        # the image outputs stay hidden until a row is opened (no empty placeholders)
+        "detail_image": gr.Image(value=side_by_side(image, heat, DEFAULT_OPACITY), visible=True),
         "detail": history.detail_markdown(record),
         "detail_probabilities": views.probabilities_html(record.probabilities or {}),
-        "detail_chart": contributions_chart(record.metadata_contributions, target, metadata),
+        "detail_chart": gr.Image(
+            value=contributions_chart(record.metadata_contributions, target, metadata),
+            visible=True,
+        ),
     }
 
 
@@ -822,10 +834,10 @@ def delete_record(service: PredictionService, prediction_id: Any) -> Values:
     return {
         "status": f"Prediction #{pid} was deleted.",
         "pick_id": "",
-        "detail_image": None,
+        "detail_image": gr.Image(value=None, visible=False),
         "detail": "",
         "detail_probabilities": "",
-        "detail_chart": None,
+        "detail_chart": gr.Image(value=None, visible=False),
     }
 
 
@@ -892,13 +904,15 @@ def _history_detail() -> tuple[Components, gr.Button]:
         )
         show_btn = gr.Button("Show prediction", scale=1)
     ui["status"] = gr.Markdown(elem_id="history-status")
-    ui["detail_image"] = _shown_image("Stored image and heatmap", None, "history-image")
+    ui["detail_image"] = _shown_image("Stored image and heatmap", None, "history-image", False)
     with gr.Row(equal_height=False):
         with gr.Column(min_width=300):
             ui["detail"] = gr.Markdown(elem_id="history-detail")
         with gr.Column(min_width=300):
             ui["detail_probabilities"] = gr.HTML(elem_id="history-probabilities")
-            ui["detail_chart"] = _shown_image("Metadata contributions", None, "history-chart")
+            ui["detail_chart"] = _shown_image(
+                "Metadata contributions", None, "history-chart", False
+            )
     return ui, show_btn
 
 
