@@ -281,7 +281,12 @@ def explain_again(
     view: dict[str, Any] | None,
 ) -> Values:
     """Explain the current result for another class, without storing a second row."""
-    if not view or not image:
+    if not view or not image or not Path(image).is_file():
+        if view and image:  # --no-store-images: the upload was deleted after the analysis
+            gr.Warning(
+                "The uploaded image is no longer kept; press Analyse again to explain this class.",
+                title="Analyse again",
+            )
         return {k: gr.skip() for k in ("heatmap", "chart", "view", "explained")}
     with _shown_as_errors("explaining the image", "Cannot explain this class"):
         request = PredictionRequest.build(
@@ -782,14 +787,10 @@ def _detail_values(record: PredictionRecord) -> Values:
     target = record.attribution_target or record.predicted_class
     return {
         "pick_id": str(record.id),
-        # the image outputs stay hidden until a row is opened (no empty placeholders)
-        "detail_image": gr.Image(value=side_by_side(image, heat, DEFAULT_OPACITY), visible=True),
+        "detail_image": side_by_side(image, heat, DEFAULT_OPACITY),
         "detail": history.detail_markdown(record),
         "detail_probabilities": views.probabilities_html(record.probabilities or {}),
-        "detail_chart": gr.Image(
-            value=contributions_chart(record.metadata_contributions, target, metadata),
-            visible=True,
-        ),
+        "detail_chart": contributions_chart(record.metadata_contributions, target, metadata),
     }
 
 
@@ -834,10 +835,10 @@ def delete_record(service: PredictionService, prediction_id: Any) -> Values:
     return {
         "status": f"Prediction #{pid} was deleted.",
         "pick_id": "",
-        "detail_image": gr.Image(value=None, visible=False),
+        "detail_image": None,
         "detail": "",
         "detail_probabilities": "",
-        "detail_chart": gr.Image(value=None, visible=False),
+        "detail_chart": None,
     }
 
 
@@ -979,10 +980,19 @@ def build_history_ui(service: PredictionService, exports: Path) -> tuple[Compone
     search_btn.click(search, inputs=filter_inputs, outputs=listing_outputs, api_name="history")
     show = _bind(show_record, service, ui)
     detail_outputs = [ui[k] for k in DETAIL_OUTPUTS]
-    show_btn.click(show, inputs=detail["pick_id"], outputs=detail_outputs, api_name="history_item")
+    # the detail images stay hidden until a row is opened (no empty placeholders); visibility
+    # is changed by private follow-up events so the API returns plain values
+    images = [ui["detail_image"], ui["detail_chart"]]
+
+    def reveal(shown: bool) -> Callable[[], dict[Any, Any]]:
+        return lambda: {c: gr.Image(visible=shown) for c in images}
+
+    show_btn.click(
+        show, inputs=detail["pick_id"], outputs=detail_outputs, api_name="history_item"
+    ).success(reveal(True), outputs=images, api_visibility="private")
     detail["pick_id"].submit(
         show, inputs=detail["pick_id"], outputs=detail_outputs, api_visibility="private"
-    )
+    ).success(reveal(True), outputs=images, api_visibility="private")
 
     def pick_row(evt: gr.SelectData) -> dict[Any, Any]:
         row = evt.row_value or []
@@ -994,7 +1004,7 @@ def build_history_ui(service: PredictionService, exports: Path) -> tuple[Compone
         pick_row,
         outputs=[*detail_outputs, ui["status"], ui["delete_row"]],
         api_visibility="private",
-    )
+    ).success(reveal(True), outputs=images, api_visibility="private")
     buttons["confirm"].click(
         _bind(confirm_record, service, ui),
         inputs=[ui[k] for k in CONFIRM_INPUTS],
@@ -1002,18 +1012,22 @@ def build_history_ui(service: PredictionService, exports: Path) -> tuple[Compone
         api_name="confirm",
         api_description="Record the confirmed diagnosis of a stored prediction: id, diagnosis "
         f"({', '.join(confirmed_dx_choices())}), source ({', '.join(CONFIRM_SOURCES)}), note.",
-    ).success(search, inputs=filter_inputs, outputs=listing_outputs, api_visibility="private")
-
-    def report_of_row(prediction_id: Any) -> Any:
-        path = case_report(service, exports, prediction_id)["report"]
-        return gr.File(value=path, visible=True)
-
+    ).success(reveal(True), outputs=images, api_visibility="private").then(
+        search, inputs=filter_inputs, outputs=listing_outputs, api_visibility="private"
+    )
+    # /report returns the PDF through a hidden file; the visible one appears once there is one
+    report_file = gr.File(visible=False)
     buttons["report"].click(
-        report_of_row,
+        _bind(case_report, service, {"report": report_file}, exports),
         inputs=detail["pick_id"],
-        outputs=actions["report"],
+        outputs=report_file,
         api_name="report",
         api_description="A one-page PDF case report of a stored prediction (by id).",
+    ).success(
+        lambda path: {actions["report"]: gr.File(value=path, visible=True)},
+        inputs=report_file,
+        outputs=actions["report"],
+        api_visibility="private",
     )
     buttons["delete"].click(
         lambda pid: {ui["delete_row"]: gr.Row(visible=bool(str(pid or "").strip()))},
@@ -1033,8 +1047,12 @@ def build_history_ui(service: PredictionService, exports: Path) -> tuple[Compone
         api_name="delete",
         api_description="Delete a stored prediction (by id) from the history database.",
     ).then(
-        lambda: {ui["delete_row"]: gr.Row(visible=False)},
-        outputs=ui["delete_row"],
+        lambda: {
+            ui["delete_row"]: gr.Row(visible=False),
+            actions["report"]: gr.File(value=None, visible=False),
+            **{c: gr.Image(visible=False) for c in images},
+        },
+        outputs=[ui["delete_row"], actions["report"], *images],
         api_visibility="private",
     ).then(search, inputs=filter_inputs, outputs=listing_outputs, api_visibility="private")
     return ui, search
