@@ -1099,7 +1099,7 @@ def build_agreement_ui(service: PredictionService) -> tuple[Components, Callable
     ui["confusion"] = gr.Dataframe(
         headers=agreement_view.CONFUSION_HEADERS,
         interactive=False,
-        label="Confusion matrix: rows = confirmed diagnosis, columns = model's top class",
+        label="Confusion matrix: rows = confirmed diagnosis, columns = the model's top class",
         elem_id="agreement-confusion",
     )
     ui["per_class"] = gr.Dataframe(

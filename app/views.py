@@ -341,8 +341,13 @@ def batch_summary(rows: Sequence[BatchRow]) -> str:
     text = f"**{plural(len(ok), 'image')} analysed and stored**"
     if failed:
         text += f", **{plural(failed, 'file')} could not be analysed** (see the error column)"
-    text += f"; {plural(flagged, 'image')} with a malignant flag."
-    return text + f" *{DISCLAIMER}*"
+    text += f"; {plural(flagged, 'image')} with a malignant flag. *{DISCLAIMER}*"
+    errors = [r for r in rows if not r.ok]
+    for r in errors[:10]:
+        text += f"\n- **{escape_markdown(r.name)}:** {escape_markdown(r.error)}"
+    if len(errors) > 10:
+        text += f"\n- … and {plural(len(errors) - 10, 'more file')} (see the table and the CSV)"
+    return text
 
 
 def agreement_markdown(a: Agreement) -> str:

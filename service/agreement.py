@@ -134,7 +134,7 @@ def summary_lines(a: Agreement) -> list[str]:
     return lines
 
 
-CONFUSION_HEADERS = ["confirmed ↓ / predicted →", *CLASSES, "total"]
+CONFUSION_HEADERS = ["confirmed", *CLASSES, "total"]
 
 
 def confusion_rows(a: Agreement) -> list[list[Any]]:
