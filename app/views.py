@@ -344,7 +344,10 @@ def batch_summary(rows: Sequence[BatchRow]) -> str:
     text += f"; {plural(flagged, 'image')} with a malignant flag. *{DISCLAIMER}*"
     errors = [r for r in rows if not r.ok]
     for r in errors[:10]:
-        text += f"\n- **{escape_markdown(r.name)}:** {escape_markdown(r.error)}"
+        error = r.error or ""
+        if not error.startswith(r.name):  # most messages already name the file
+            error = f"{r.name}: {error}"
+        text += f"\n- {escape_markdown(error)}"
     if len(errors) > 10:
         text += f"\n- … and {plural(len(errors) - 10, 'more file')} (see the table and the CSV)"
     return text
