@@ -15,18 +15,26 @@ checkpoints had.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import base64
+import html
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from common.text import DISCLAIMER
 from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT
+from db.models import PredictionRecord, as_utc
 from db.queries import HistoryFilter
 from model.checkpoint import SHIPPED_DIR, CheckpointConfig
+from model.ood import LOW_CONFIDENCE
 from model.predictor import MALIGNANT_FLAG, Prediction, ordinal
-from service.history import class_label, escape_markdown
+from service.agreement import Agreement, summary_lines
+from service.batch import BatchRow
+from service.history import class_label, escape_markdown, short_label
 from service.prediction import StoredPrediction
+from service.render import small_thumbnail_jpeg
 
 ANY = "any"
 
@@ -81,6 +89,109 @@ def alerts_markdown(prediction: Prediction) -> str:
     return "\n\n".join(parts)
 
 
+MALIGNANT_COLOUR = "#b91c1c"
+BENIGN_COLOUR = "#2563eb"
+
+
+def percent(p: float) -> str:
+    """``<1 %`` below one percent, else a whole percentage (``34 %``)."""
+    return "<1 %" if p < 0.01 else f"{100 * p:.0f} %"
+
+
+def probabilities_html(probabilities: dict[str, float]) -> str:
+    """A horizontal bar chart in HTML (it reflows at phone width): every class, largest first,
+    malignant / pre-malignant classes in red; the top class is bold, not repeated elsewhere."""
+    ranked = sorted(CLASSES, key=lambda c: -float(probabilities.get(c, 0.0)))
+    rows = []
+    for i, c in enumerate(ranked):
+        p = float(probabilities.get(c, 0.0))
+        colour = MALIGNANT_COLOUR if c in MALIGNANT else BENIGN_COLOUR
+        weight = "700" if i == 0 else "400"
+        rows.append(
+            f'<div class="prob-row" data-class="{c}" style="font-weight:{weight}">'
+            f'<span class="prob-name">{html.escape(class_label(c))}</span>'
+            f'<span class="prob-track"><span class="prob-bar" '
+            f'style="width:{max(0.5, 100 * p):.1f}%;background:{colour}"></span></span>'
+            f'<span class="prob-value">{html.escape(percent(p))}</span></div>'
+        )
+    legend = (
+        f'<div class="prob-legend"><span style="color:{MALIGNANT_COLOUR}">■</span> malignant or '
+        f'pre-malignant class &nbsp; <span style="color:{BENIGN_COLOUR}">■</span> benign class'
+        " · calibrated probabilities</div>"
+    )
+    return f'<div class="prob-chart">{"".join(rows)}{legend}</div>'
+
+
+def _alert(level: str, title: str, text: str) -> str:
+    return (
+        f'<div class="alert alert-{level}"><strong>{html.escape(title)}</strong> '
+        f"{html.escape(text)}</div>"
+    )
+
+
+def alerts_html(prediction: Prediction, storage_problem: str | None = None) -> str:
+    """One short coloured line per alert: red for the malignant flag, amber for low confidence
+    and images unlike the training dermoscopy, neutral otherwise."""
+    parts: list[str] = []
+    if storage_problem:
+        parts.append(_alert("warn", "Not saved to history:", storage_problem))
+    flagged = list(prediction.malignant_flag)
+    if flagged:
+        listed = ", ".join(
+            f"{CLASS_NAMES[c]} {percent(prediction.probabilities[c])}" for c in flagged
+        )
+        parts.append(
+            _alert(
+                "danger",
+                "Possible malignant lesion:",
+                f"{listed}. Have it examined by a dermatologist.",
+            )
+        )
+    if prediction.top_probability < LOW_CONFIDENCE:
+        parts.append(
+            _alert(
+                "warn",
+                "Low confidence:",
+                f"the top class has only {percent(prediction.top_probability)} "
+                f"(below {LOW_CONFIDENCE:.0%}).",
+            )
+        )
+    d, t = prediction.ood_distance, prediction.ood_threshold
+    if d is not None and t is not None and d > t:
+        parts.append(
+            _alert(
+                "warn",
+                "Unlike the training dermoscopy:",
+                f"feature distance {d:.3f} is above the limit {t:.3f}; treat the result "
+                "with extra caution.",
+            )
+        )
+    known = ("Low confidence", "Unreliable: this image is unlike")
+    for w in prediction.warnings:
+        if not w.startswith(known) and "feature distance" not in w:
+            parts.append(_alert("warn", "Warning:", w))
+    if not flagged:
+        parts.append(
+            _alert(
+                "info",
+                "No malignant class ranks high.",
+                f"(Flagged when melanoma, basal cell carcinoma or actinic keratosis ranks first "
+                f"or reaches {MALIGNANT_FLAG:.0%}.)",
+            )
+        )
+    if d is not None and t is not None and d <= t:
+        parts.append(
+            _alert(
+                "info",
+                "Image check:",
+                f"feature distance {d:.3f} is within the limit {t:.3f} for dermoscopy images "
+                "like the training set.",
+            )
+        )
+    parts.append(f'<div class="alert-footer"><em>{html.escape(DISCLAIMER)}</em></div>')
+    return "\n".join(parts)
+
+
 def result_markdown(stored: StoredPrediction) -> str:
     """Model version, storage outcome and attribution target of one prediction."""
     pred = stored.prediction
@@ -95,6 +206,166 @@ def result_markdown(stored: StoredPrediction) -> str:
         else ""
     )
     return f"{explained}Model `{pred.model_version}` · {pred.latency_ms:.0f} ms · {saved}."
+
+
+# --------------------------------------------------------------------------------------------
+# History and batch tables
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 prediction`` / ``2 predictions``."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def readable_time(value: datetime | None, now: datetime | None = None) -> str:
+    """``today 14:05``, ``yesterday 09:12`` or ``3 Mar 2026 14:05`` (UTC)."""
+    if value is None:
+        return ""
+    value = as_utc(value)
+    today = (now or datetime.now(UTC)).date()
+    clock = value.strftime("%H:%M")
+    days = (today - value.date()).days
+    if days == 0:
+        return f"today {clock}"
+    if days == 1:
+        return f"yesterday {clock}"
+    return f"{value.day} {value.strftime('%b %Y')} {clock}"
+
+
+def thumbnail_markdown(jpeg: bytes | None, alt: str) -> str:
+    """A small inline image for a table cell (empty when no image was stored)."""
+    small = small_thumbnail_jpeg(jpeg)
+    if small is None:
+        return "—"
+    return f"![{alt}](data:image/jpeg;base64,{base64.b64encode(small).decode('ascii')})"
+
+
+def flags_text(malignant: Sequence[str], n_warnings: int) -> str:
+    """``malignant: mel · 1 warning`` (plain text: emoji are missing from many fonts)."""
+    parts = []
+    if malignant:
+        parts.append("malignant: " + ", ".join(malignant))
+    if n_warnings:
+        parts.append(plural(n_warnings, "warning"))
+    return " · ".join(parts) or "—"
+
+
+def record_flags(r: PredictionRecord) -> list[str]:
+    """Malignant classes flagged for a stored row (the predictor's rule, from its probabilities)."""
+    probs = r.probabilities or {}
+    return [
+        c
+        for c in CLASSES
+        if c in MALIGNANT and (probs.get(c, 0.0) >= MALIGNANT_FLAG or c == r.predicted_class)
+    ]
+
+
+HISTORY_TABLE_COLUMNS = [
+    "image",
+    "id",
+    "time (UTC)",
+    "top class",
+    "probability",
+    "flags",
+    "confirmed",
+    "age",
+    "sex",
+    "site",
+    "model",
+]
+HISTORY_TABLE_TYPES: list[Literal["str", "number", "markdown"]] = [
+    "markdown",
+    "number",
+    "str",
+    "str",
+    "str",
+    "str",
+    "str",
+    "str",
+    "str",
+    "str",
+    "str",
+]
+
+
+def history_table_row(
+    r: PredictionRecord, thumbnail: bytes | None, now: datetime | None = None
+) -> list[Any]:
+    """One History-tab row: thumbnail, id, time, class, probability %, flags, confirmed label
+    (``r`` may come from a listing without image bytes; the thumbnail is passed separately)."""
+    return [
+        thumbnail_markdown(thumbnail, f"#{r.id}"),
+        r.id,
+        readable_time(r.created_at, now),
+        short_label(r.predicted_class),
+        f"{100 * float(r.predicted_probability):.1f} %",
+        flags_text(record_flags(r), len(r.warnings or [])),
+        short_label(r.confirmed_dx),
+        "" if r.age is None else f"{r.age:g}",
+        r.sex,
+        r.site,
+        r.model_version,
+    ]
+
+
+BATCH_TABLE_COLUMNS = ["image", "file", "id", "top class", "probability", "flags", "error"]
+BATCH_TABLE_TYPES: list[Literal["str", "number", "markdown"]] = [
+    "markdown",
+    "str",
+    "str",
+    "str",
+    "str",
+    "str",
+    "str",
+]
+
+
+def batch_table_row(row: BatchRow, thumbnail: bytes | None) -> list[Any]:
+    if not row.ok:
+        return ["—", row.name, "", "", "", "not analysed", row.error or ""]
+    return [
+        thumbnail_markdown(thumbnail, row.name),
+        row.name,
+        "" if row.prediction_id is None else f"#{row.prediction_id}",
+        short_label(row.top_class),
+        percent(row.probability or 0.0),
+        flags_text(row.malignant_flag, len(row.warnings)),
+        "",
+    ]
+
+
+def batch_summary(rows: Sequence[BatchRow]) -> str:
+    ok = [r for r in rows if r.ok]
+    failed = len(rows) - len(ok)
+    flagged = sum(1 for r in ok if r.malignant_flag)
+    text = f"**{plural(len(ok), 'image')} analysed and stored**"
+    if failed:
+        text += f", **{plural(failed, 'file')} could not be analysed** (see the error column)"
+    text += f"; {plural(flagged, 'image')} with a malignant flag. *{DISCLAIMER}*"
+    errors = [r for r in rows if not r.ok]
+    for r in errors[:10]:
+        error = r.error or ""
+        if not error.startswith(r.name):  # most messages already name the file
+            error = f"{r.name}: {error}"
+        text += f"\n- {escape_markdown(error)}"
+    if len(errors) > 10:
+        text += f"\n- … and {plural(len(errors) - 10, 'more file')} (see the table and the CSV)"
+    return text
+
+
+def agreement_markdown(a: Agreement) -> str:
+    lines = summary_lines(a)
+    if not a.n_confirmed:
+        lines.append(
+            "Record confirmed diagnoses in the History tab (select a row, then "
+            "*Record confirmed diagnosis*) to see how the model does on your patients."
+        )
+    elif a.n_confirmed < 30:
+        lines.append(
+            f"Only {plural(a.n_confirmed, 'confirmed case')}: these percentages are very uncertain."
+        )
+    head, *rest = lines
+    return "\n".join([f"**{head}**", *(f"- {x}" for x in rest)])
 
 
 def history_filter(

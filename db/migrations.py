@@ -34,6 +34,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     func,
     insert,
     inspect,
@@ -130,9 +131,23 @@ def _initial_schema(conn: Connection) -> None:
     md.create_all(conn)
 
 
+# --- migration 2: confirmed diagnoses (nullable columns: existing rows are kept, unconfirmed) --
+
+
+def _confirmed_diagnosis(conn: Connection) -> None:
+    for column in (
+        Column("confirmed_dx", String(8), nullable=True),
+        Column("confirmed_source", String(32), nullable=True),
+        Column("confirmed_note", Text, nullable=True),
+        Column("confirmed_at", DateTime(), nullable=True),
+    ):
+        add_column(conn, "predictions", column)
+
+
 #: The ordered list of migrations; append only.
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema: predictions", _initial_schema),
+    Migration(2, "confirmed diagnosis: dx, source, note, time", _confirmed_diagnosis),
 ]
 
 

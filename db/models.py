@@ -15,11 +15,23 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, Float, Index, Integer, LargeBinary, String
+from sqlalchemy import JSON, DateTime, Float, Index, Integer, LargeBinary, String, Text
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+#: A confirmed diagnosis is one of the model's classes or ``other`` (a lesion outside them).
+OTHER = "other"
+#: Where a confirmed diagnosis comes from, most to least definitive.
+CONFIRM_SOURCES: tuple[str, ...] = (
+    "histopathology",
+    "follow-up",
+    "expert consensus",
+    "clinician",
+)
+#: Longest note kept with a confirmed diagnosis.
+NOTE_MAX = 1000
 
 
 def utcnow() -> datetime:
@@ -92,6 +104,12 @@ class PredictionRecord(Base):
     model_version: Mapped[str] = mapped_column(String(160), index=True)
     checkpoint_sha256: Mapped[str] = mapped_column(String(64))
     latency_ms: Mapped[float] = mapped_column(Float)
+
+    # The confirmed diagnosis, recorded later (migration 2); all None until then.
+    confirmed_dx: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    confirmed_source: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    confirmed_note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     __table_args__ = (Index("ix_predictions_class_created", "predicted_class", "created_at"),)
 

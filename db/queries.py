@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, String, func, literal_column, select
+from sqlalchemy import ColumnElement, Select, String, delete, func, literal_column, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, defer
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -20,7 +20,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from common.errors import DermError
 from common.text import clip, echo
 from data_pipeline.schema import CLASSES, normalize_age, normalize_sex, normalize_site
-from db.models import PredictionRecord, as_utc
+from db.models import CONFIRM_SOURCES, NOTE_MAX, OTHER, PredictionRecord, as_utc, utcnow
 
 #: Largest page a query returns.
 MAX_LIMIT = 10_000
@@ -107,6 +107,8 @@ class HistoryFilter:
     age_min: float | None = None
     age_max: float | None = None
     model_version: str | None = None
+    #: True: only rows with a confirmed diagnosis; False: only rows without; None: all.
+    confirmed: bool | None = None
 
     def __post_init__(self) -> None:
         self.since = None if _blank(self.since) else parse_date(self.since, "since date")
@@ -199,6 +201,10 @@ class HistoryFilter:
             out.append(P.age <= self.age_max)
         if self.model_version is not None:
             out.append(P.model_version == self.model_version)
+        if self.confirmed is True:
+            out.append(P.confirmed_dx.is_not(None))
+        elif self.confirmed is False:
+            out.append(P.confirmed_dx.is_(None))
         return out
 
     def describe(self) -> str:
@@ -215,6 +221,7 @@ class HistoryFilter:
             "age_min",
             "age_max",
             "model_version",
+            "confirmed",
         ):
             value = getattr(self, name)
             if value not in (None, []):
@@ -265,6 +272,13 @@ def count_predictions(session: Session, f: HistoryFilter | None = None) -> int:
     return int(session.scalar(stmt) or 0)
 
 
+def count_by_model_version(session: Session, f: HistoryFilter | None = None) -> dict[str, int]:
+    """Matching rows per model version."""
+    P = PredictionRecord
+    stmt = _filtered(select(P.model_version, func.count(P.id)), f).group_by(P.model_version)
+    return {str(v): int(n) for v, n in session.execute(stmt)}
+
+
 def counts_per_class_per_day(
     session: Session, f: HistoryFilter | None = None
 ) -> list[tuple[str, str, int]]:
@@ -278,8 +292,80 @@ def counts_per_class_per_day(
     return sorted(rows, key=lambda r: (r[0], order.get(r[1], len(order)), r[1]))
 
 
+def thumbnails(session: Session, ids: list[int]) -> dict[int, bytes | None]:
+    """``{id: thumbnail}`` of the given rows (one query; a table's page of thumbnails)."""
+    if not ids:
+        return {}
+    P = PredictionRecord
+    stmt = select(P.id, P.thumbnail).where(P.id.in_([int(i) for i in ids]))
+    return {int(i): t for i, t in session.execute(stmt)}
+
+
 def get_prediction(session: Session, prediction_id: int) -> PredictionRecord | None:
     return session.get(PredictionRecord, int(prediction_id))
+
+
+def confirmed_dx_choices() -> tuple[str, ...]:
+    """What a confirmed diagnosis may be: a model class or ``other``."""
+    return (*CLASSES, OTHER)
+
+
+def normalize_confirmation(dx: Any, source: Any, note: Any = None) -> tuple[str, str, str | None]:
+    """Validated (dx, source, note) of a confirmed diagnosis; ``DermError`` says what to fix."""
+    code = "" if _blank(dx) else str(dx).strip().lower()
+    if code not in confirmed_dx_choices():
+        raise DermError(
+            f"Unknown confirmed diagnosis {echo(dx)}: expected one of "
+            f"{', '.join(confirmed_dx_choices())}."
+        )
+    src = "" if _blank(source) else " ".join(str(source).strip().lower().replace("_", " ").split())
+    src = {"follow up": "follow-up", "followup": "follow-up", "consensus": "expert consensus"}.get(
+        src, src
+    )
+    if src not in CONFIRM_SOURCES:
+        raise DermError(
+            f"Unknown confirmation source {echo(source)}: expected one of "
+            f"{', '.join(CONFIRM_SOURCES)}."
+        )
+    text = None if _blank(note) else str(note).strip()
+    if text is not None and len(text) > NOTE_MAX:
+        raise DermError(f"The note has {len(text)} characters; keep it to {NOTE_MAX}.")
+    return code, src, text
+
+
+def confirm_prediction(
+    session: Session, prediction_id: int, dx: Any, source: Any, note: Any = None
+) -> PredictionRecord:
+    """Record (or replace) the confirmed diagnosis of one stored prediction."""
+    code, src, text = normalize_confirmation(dx, source, note)
+    record = session.get(PredictionRecord, int(prediction_id))
+    if record is None:
+        raise DermError(f"No stored prediction has id {prediction_id}.")
+    record.confirmed_dx, record.confirmed_source = code, src
+    record.confirmed_note, record.confirmed_at = text, utcnow()
+    session.flush()
+    return record
+
+
+def delete_prediction(session: Session, prediction_id: int) -> bool:
+    """Delete one stored prediction (image, heatmap, everything); False when there was none."""
+    result = session.execute(
+        delete(PredictionRecord).where(PredictionRecord.id == int(prediction_id))
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def confirmed_pairs(session: Session, f: HistoryFilter | None = None) -> list[tuple[str, str, str]]:
+    """``(predicted_class, confirmed_dx, model_version)`` of every matching row that has a
+    confirmed diagnosis (three short columns: cheap even over a long history)."""
+    P = PredictionRecord
+    stmt = _filtered(
+        select(P.predicted_class, P.confirmed_dx, P.model_version).where(
+            P.confirmed_dx.is_not(None)
+        ),
+        f,
+    ).order_by(P.id)
+    return [(str(p), str(c), str(v)) for p, c, v in session.execute(stmt)]
 
 
 def as_filter(f: HistoryFilter | dict[str, Any] | None) -> HistoryFilter | None:
@@ -293,9 +379,16 @@ __all__ = [
     "MAX_LIMIT",
     "HistoryFilter",
     "as_filter",
+    "confirm_prediction",
+    "confirmed_dx_choices",
+    "confirmed_pairs",
+    "count_by_model_version",
     "count_predictions",
     "counts_per_class_per_day",
+    "delete_prediction",
     "get_prediction",
+    "normalize_confirmation",
     "parse_date",
     "query_predictions",
+    "thumbnails",
 ]

@@ -5,10 +5,17 @@
     python -m scripts.query_history --site back --age-min 40 --format csv > back.csv
     python -m scripts.query_history --id 12 --format json        # one row, with its heatmap
     python -m scripts.query_history --stats                      # count per class per day
+    python -m scripts.query_history --confirm 12 --dx mel --confirm-source histopathology \
+        --note "excised 2026-03-02"                              # record a confirmed diagnosis
+    python -m scripts.query_history --agreement --since 2026-01-01  # model vs confirmed
+    python -m scripts.query_history --delete 12                  # delete one stored prediction
 
 The database is --db, else $SKIN_DB_URL, else sqlite:///predictions.db. Dates are UTC days;
 --until includes its whole day. JSON output includes probabilities, metadata contributions and
-the heatmap (base64 PNG).
+the heatmap (base64 PNG). With --confirm, --dx is the confirmed diagnosis (one of the 7 classes or
+"other") and --confirm-source says how it was confirmed (histopathology, follow-up, expert
+consensus, clinician). --agreement compares the model's top class with the confirmed diagnoses of
+the matching rows (the same numbers as the app's Agreement tab).
 """
 
 from __future__ import annotations
@@ -21,17 +28,32 @@ from common.cli import run_cli
 from common.errors import DatabaseError, DermError
 from common.text import DISCLAIMER
 from data_pipeline.schema import CLASSES
+from db.models import CONFIRM_SOURCES
 from db.queries import (
     HistoryFilter,
+    confirm_prediction,
+    confirmed_dx_choices,
     count_predictions,
     counts_per_class_per_day,
+    delete_prediction,
     get_prediction,
     query_predictions,
 )
 from db.session import Database, resolve_db_url, sqlite_path
+from service.agreement import (
+    CONFUSION_HEADERS,
+    PER_CLASS_HEADERS,
+    VERSION_HEADERS,
+    agreement_for,
+    confusion_rows,
+    per_class_rows,
+    summary_lines,
+    version_rows,
+)
 from service.history import (
     CSV_COLUMNS,
     TABLE_COLUMNS,
+    class_label,
     csv_row,
     detail_text,
     record_dict,
@@ -73,6 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", type=int, default=0, help="skip this many rows (paging)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--stats", action="store_true", help="count per class per day instead of rows")
+    p.add_argument(
+        "--confirmed-only", action="store_true", help="only rows with a confirmed diagnosis"
+    )
+    p.add_argument(
+        "--agreement",
+        action="store_true",
+        help="model vs confirmed diagnoses over the matching rows",
+    )
+    p.add_argument(
+        "--confirm",
+        type=int,
+        default=None,
+        metavar="ID",
+        help="record the confirmed diagnosis (--dx) of prediction ID",
+    )
+    p.add_argument(
+        "--confirm-source",
+        default=None,
+        metavar="SOURCE",
+        help=f"with --confirm: {', '.join(CONFIRM_SOURCES)}",
+    )
+    p.add_argument("--note", default=None, help="with --confirm: an optional note")
+    p.add_argument(
+        "--delete", type=int, default=None, metavar="ID", help="delete stored prediction ID"
+    )
     return p
 
 
@@ -107,6 +154,7 @@ def history_filter(args: argparse.Namespace) -> HistoryFilter:
         age_min=args.age_min,
         age_max=args.age_max,
         model_version=args.model_version,
+        confirmed=True if args.confirmed_only else None,
     )
 
 
@@ -154,12 +202,62 @@ def show_rows(db: Database, f: HistoryFilter, args: argparse.Namespace) -> None:
         )
 
 
+def confirm(db: Database, args: argparse.Namespace) -> None:
+    if len(args.dx) != 1:
+        raise DermError(
+            "--confirm needs exactly one --dx: the confirmed diagnosis "
+            f"({', '.join(confirmed_dx_choices())})."
+        )
+    with db.session() as session:
+        row = confirm_prediction(session, args.confirm, args.dx[0], args.confirm_source, args.note)
+        print(
+            f"prediction {row.id}: confirmed {class_label(str(row.confirmed_dx))} "
+            f"({row.confirmed_source}); the model's top class was "
+            f"{class_label(row.predicted_class)}."
+        )
+
+
+def delete(db: Database, prediction_id: int) -> None:
+    with db.session() as session:
+        if not delete_prediction(session, prediction_id):
+            raise DermError(f"No prediction with id {prediction_id} in {db.display_url}.")
+    print(f"prediction {prediction_id} deleted.")
+
+
+def show_agreement(db: Database, f: HistoryFilter, fmt: str) -> None:
+    a = agreement_for(db, f)
+    if fmt == "json":
+        print(json.dumps(a.to_dict(), indent=2))
+        return
+    if fmt == "csv":
+        print(to_csv(CONFUSION_HEADERS, confusion_rows(a)))
+        return
+    print("\n".join(summary_lines(a)))
+    if a.n_confirmed:
+        print("\nConfusion matrix (rows: confirmed diagnosis, columns: model's top class)")
+        print(render_table(CONFUSION_HEADERS, confusion_rows(a)))
+        print()
+        print(render_table(PER_CLASS_HEADERS, per_class_rows(a)))
+        print()
+        print(render_table(VERSION_HEADERS, version_rows(a)))
+    print(f"\n{f.describe()}. {DISCLAIMER}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    f = history_filter(args)
+    if args.confirm is not None and args.delete is not None:
+        raise DermError("Use --confirm or --delete, not both.")
+    # with --confirm, --dx is the confirmed diagnosis, not a filter
+    f = history_filter(args) if args.confirm is None else HistoryFilter()
     db = open_existing(args.db)
     try:
-        if args.id is not None:
+        if args.confirm is not None:
+            confirm(db, args)
+        elif args.delete is not None:
+            delete(db, args.delete)
+        elif args.agreement:
+            show_agreement(db, f, args.format)
+        elif args.id is not None:
             show_one(db, args)
         elif args.stats:
             show_stats(db, f, args.format)

@@ -23,12 +23,34 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from data_pipeline.schema import CLASS_NAMES, CLASSES, FIELDS
-from db.models import PredictionRecord, as_utc
+from db.models import OTHER, PredictionRecord, as_utc
 
 
 def class_label(code: str) -> str:
     """``Melanoma (mel)``: the full name first, the HAM10000 code for reference."""
+    if code == OTHER:
+        return "Other (not one of the 7 classes)"
     return f"{CLASS_NAMES.get(code, code)} ({code})"
+
+
+#: Short class names for tight places (table cells, gallery captions).
+SHORT_NAMES: dict[str, str] = {
+    "akiec": "Actinic keratosis",
+    "bcc": "Basal cell carcinoma",
+    "bkl": "Benign keratosis",
+    "df": "Dermatofibroma",
+    "mel": "Melanoma",
+    "nv": "Nevus",
+    "vasc": "Vascular lesion",
+    "other": "Other",
+}
+
+
+def short_label(code: str | None) -> str:
+    """``Nevus (nv)``: a short name and the code."""
+    if not code:
+        return ""
+    return f"{SHORT_NAMES.get(code, code)} ({code})"
 
 
 def format_time(value: datetime | None) -> str:
@@ -79,6 +101,10 @@ def record_dict(
         "model_version": r.model_version,
         "checkpoint_sha256": r.checkpoint_sha256,
         "latency_ms": r.latency_ms,
+        "confirmed_dx": r.confirmed_dx,
+        "confirmed_source": r.confirmed_source,
+        "confirmed_note": r.confirmed_note,
+        "confirmed_at": as_utc(r.confirmed_at).isoformat() if r.confirmed_at is not None else None,
     }
     for key, attr, suffix, include in (
         ("heatmap", "heatmap_png", "png", include_heatmap),
@@ -103,6 +129,7 @@ TABLE_COLUMNS = [
     "site",
     "model",
     "warnings",
+    "confirmed",
 ]
 #: Gradio ``Dataframe`` datatypes of :data:`TABLE_COLUMNS`.
 TABLE_TYPES: list[Literal["number", "str"]] = [
@@ -115,6 +142,7 @@ TABLE_TYPES: list[Literal["number", "str"]] = [
     "str",
     "str",
     "number",
+    "str",
 ]
 
 
@@ -129,6 +157,7 @@ def table_row(r: PredictionRecord) -> list[Any]:
         r.site,
         r.model_version,
         len(r.warnings or []),
+        r.confirmed_dx or "",
     ]
 
 
@@ -181,6 +210,10 @@ CSV_COLUMNS = [
     "image_sha256",
     "image_width",
     "image_height",
+    "confirmed_dx",
+    "confirmed_source",
+    "confirmed_note",
+    "confirmed_at",
 ]
 
 
@@ -241,6 +274,15 @@ def detail_entries(r: PredictionRecord) -> list[tuple[str, str]]:
         shown = ", ".join(f"{k} {100 * v:+.1f} pp" for k, v in r.metadata_contributions.items())
         entries.append(("Metadata contributions", shown))
     entries += [("Warning", w) for w in r.warnings or []]
+    if r.confirmed_dx:
+        note = f"; note: {r.confirmed_note}" if r.confirmed_note else ""
+        entries.append(
+            (
+                "Confirmed diagnosis",
+                f"{class_label(r.confirmed_dx)} by {r.confirmed_source}, recorded "
+                f"{format_time(r.confirmed_at)} UTC{note}",
+            )
+        )
     entries.append(("Model", f"{r.model_version} (weights sha256 {r.checkpoint_sha256[:12]}…)"))
     entries.append(("Latency", f"{r.latency_ms:.0f} ms"))
     return entries

@@ -23,14 +23,18 @@ from db.models import PredictionRecord, utcnow
 from db.queries import (
     HistoryFilter,
     as_filter,
+    confirm_prediction,
     count_predictions,
     counts_per_class_per_day,
+    delete_prediction,
     get_prediction,
     query_predictions,
+    thumbnails,
 )
 from db.session import Database, error_reason
 from model.attribution import resize_heatmap
 from model.predictor import Prediction, Predictor
+from service.agreement import Agreement, agreement_for
 from service.render import fit_size, heatmap_png, thumbnail_jpeg
 
 FilterLike = HistoryFilter | dict[str, Any] | None
@@ -100,6 +104,12 @@ class PredictionService:
             ) from exc
         return StoredPrediction(id=row_id, prediction=pred, stored=True)
 
+    def explain(self, request: PredictionRequest) -> Prediction:
+        """Predict with explanations without storing anything: re-explaining a result for
+        another class (``request.target``) must not add a second history row."""
+        with self._lock:
+            return self.predictor.predict(request, explain=True)
+
     def _record(self, pred: Prediction, request: PredictionRequest) -> PredictionRecord:
         cfg = self.predictor.config
         # The thumbnail shows the (aspect-cropped) region the model saw, so the stored heatmap,
@@ -155,6 +165,11 @@ class PredictionService:
         with self._database().session() as session:
             return get_prediction(session, prediction_id)
 
+    def thumbnails(self, ids: list[int]) -> dict[int, bytes | None]:
+        """``{id: thumbnail JPEG}`` of the listed rows (for tables of long listings)."""
+        with self._database().session() as session:
+            return thumbnails(session, ids)
+
     def count(self, f: FilterLike = None) -> int:
         with self._database().session() as session:
             return count_predictions(session, as_filter(f))
@@ -163,6 +178,22 @@ class PredictionService:
         """``(YYYY-MM-DD, class, n)`` per UTC day and top class."""
         with self._database().session() as session:
             return counts_per_class_per_day(session, as_filter(f))
+
+    def confirm(
+        self, prediction_id: int, dx: Any, source: Any, note: Any = None
+    ) -> PredictionRecord:
+        """Record the confirmed diagnosis of a stored prediction (replacing an earlier one)."""
+        with self._database().session() as session:
+            return confirm_prediction(session, prediction_id, dx, source, note)
+
+    def delete(self, prediction_id: int) -> bool:
+        """Delete a stored prediction; False when no row had that id."""
+        with self._database().session() as session:
+            return delete_prediction(session, prediction_id)
+
+    def agreement(self, f: FilterLike = None) -> Agreement:
+        """Model vs confirmed diagnoses over the matching rows (see :mod:`service.agreement`)."""
+        return agreement_for(self._database(), as_filter(f))
 
     def close(self) -> None:
         if self.db is not None:

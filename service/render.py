@@ -9,6 +9,8 @@ front ends (the app and the CLIs) sit above it, so they draw with the same code.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -88,26 +90,113 @@ def thumbnail_from_jpeg(data: bytes | None) -> np.ndarray | None:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
 
 
-def contributions_chart(contributions: dict[str, float] | None, target: str) -> np.ndarray:
-    """Horizontal bar chart (RGB array) of signed metadata contributions in percentage points."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 2.2), dpi=100)
+#: Colours of the metadata chart: neither reads as "danger" (the alerts own red and amber).
+RAISES_COLOUR = "#0f766e"
+LOWERS_COLOUR = "#64748b"
+
+
+def field_labels(metadata: Any | None) -> dict[str, str]:
+    """Chart labels naming the given values: ``age 35``, ``female``, ``back`` (``age unknown``
+    when a field was not given)."""
+    age = getattr(metadata, "age", None)
+    sex = getattr(metadata, "sex", None) or "unknown"
+    site = getattr(metadata, "site", None) or "unknown"
+    return {
+        "age": "age unknown" if age is None else f"age {age:g}",
+        "sex": "sex unknown" if sex == "unknown" else str(sex),
+        "site": "site unknown" if site == "unknown" else str(site),
+    }
+
+
+def _figure_rgb(fig: Any) -> np.ndarray:
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    pyplot().close(fig)
+    return rgb
+
+
+def draw_contributions(
+    ax: Any, contributions: dict[str, float] | None, target: str, metadata: Any | None = None
+) -> None:
+    """Signed metadata contributions on ``ax``: bars right raise P(target), bars left lower it."""
     if not contributions:
         ax.text(0.5, 0.5, "this model does not use metadata", ha="center", va="center")
         ax.axis("off")
-    else:
-        fields = list(contributions)[::-1]
-        vals = [100.0 * contributions[f] for f in fields]
-        colours = ["#c0392b" if v > 0 else "#2471a3" for v in vals]
-        ax.barh(fields, vals, color=colours)
-        ax.axvline(0, color="black", linewidth=0.8)
-        lim = max(1.0, max(abs(v) for v in vals) * 1.25)
-        ax.set_xlim(-lim, lim)
-        for y, v in enumerate(vals):
-            ax.text(v, y, f" {v:+.1f}", va="center", ha="left" if v >= 0 else "right", fontsize=9)
-        ax.set_xlabel(f"change in P({target}) vs. field unknown (percentage points)")
+        return
+    labels = field_labels(metadata)
+    fields = list(contributions)[::-1]
+    vals = [100.0 * contributions[f] for f in fields]
+    ax.barh(
+        [labels.get(f, f) for f in fields],
+        vals,
+        color=[RAISES_COLOUR if v >= 0 else LOWERS_COLOUR for v in vals],
+    )
+    ax.axvline(0, color="#334155", linewidth=0.8)
+    lim = max(1.0, max(abs(v) for v in vals) * 1.35)
+    ax.set_xlim(-lim, lim)
+    for y, v in enumerate(vals):
+        ax.text(v, y, f" {v:+.1f} ", va="center", ha="left" if v >= 0 else "right", fontsize=9)
+    ax.set_xlabel(f"percentage points added to P({target}) vs. the field unknown", fontsize=8)
+    ax.tick_params(labelsize=9)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def contributions_chart(
+    contributions: dict[str, float] | None, target: str, metadata: Any | None = None
+) -> np.ndarray:
+    """Horizontal bar chart (RGB array) of signed metadata contributions in percentage points,
+    each bar labelled with the value that was given (``metadata``: anything with ``age``,
+    ``sex``, ``site`` attributes)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 2.1), dpi=100)
+    draw_contributions(ax, contributions, target, metadata)
     fig.tight_layout()
-    fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return rgb
+    return _figure_rgb(fig)
+
+
+def draw_side_by_side(
+    axes: Sequence[Any], image: np.ndarray, heatmap: np.ndarray | None, alpha: float
+) -> Any:
+    """Original on ``axes[0]``, heatmap overlay on ``axes[1]``; returns the colour mappable (for
+    a colour bar) or None without a heatmap."""
+    from matplotlib import cm, colors
+
+    axes[0].imshow(image)
+    axes[0].set_title("original", fontsize=9)
+    shown = overlay_heatmap(image, heatmap, alpha) if heatmap is not None else image
+    axes[1].imshow(shown)
+    axes[1].set_title("Grad-CAM overlay" if heatmap is not None else "no heatmap", fontsize=9)
+    for ax in axes[:2]:
+        ax.axis("off")
+    if heatmap is None:
+        return None
+    return cm.ScalarMappable(norm=colors.Normalize(0, 1), cmap="jet")
+
+
+def side_by_side(
+    image: np.ndarray | None, heatmap: np.ndarray | None, alpha: float = 0.45
+) -> np.ndarray | None:
+    """Original and overlay side by side with a colour scale (RGB array); None without image."""
+    if image is None:
+        return None
+    plt = pyplot()
+    fig = plt.figure(figsize=(7.2, 3.2), dpi=110)
+    grid = fig.add_gridspec(1, 3, width_ratios=[1, 1, 0.05], wspace=0.06)
+    axes = [fig.add_subplot(grid[0, i]) for i in range(3)]
+    mappable = draw_side_by_side(axes, image, heatmap, alpha)
+    if mappable is not None:
+        bar = fig.colorbar(mappable, cax=axes[2])
+        bar.set_ticks([0, 1], labels=["low", "high"])
+        bar.ax.tick_params(labelsize=8)
+        bar.set_label("where the model looked", fontsize=8)
+    else:
+        axes[2].axis("off")
+    fig.subplots_adjust(left=0.01, right=0.92, top=0.9, bottom=0.03)
+    return _figure_rgb(fig)
+
+
+def small_thumbnail_jpeg(data: bytes | None, side: int = 64) -> bytes | None:
+    """A stored thumbnail re-encoded small (for table cells)."""
+    image = thumbnail_from_jpeg(data)
+    return None if image is None else thumbnail_jpeg(image, max_side=side)

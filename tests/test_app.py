@@ -81,11 +81,13 @@ def test_predict_with_metadata_returns_probabilities_and_stores_one_row(app):
     before = app.service.count()
     label, alerts, overlay, chart, info, result = predict(app.client, EXAMPLE, 35, "female", "back")
 
-    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
-    assert set(confidences) == {history.class_label(c) for c in CLASSES}
+    # a bar per class, largest first: the top class leads and is not printed twice
+    assert label.count('class="prob-row"') == len(CLASSES)
+    assert all(label.count(history.class_label(c)) == 1 for c in CLASSES)
     assert all(CLASS_NAMES[c] in history.class_label(c) for c in CLASSES)
-    assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-4)
-    assert label["label"] == history.class_label(result["top_class"])
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    first = label.index('data-class="')
+    assert label[first:].startswith(f'data-class="{result["top_class"]}"')
 
     assert app.service.count() == before + 1
     row_id = result["prediction_id"]
@@ -104,7 +106,7 @@ def test_predict_with_metadata_returns_probabilities_and_stores_one_row(app):
 def test_predict_without_metadata(app):
     before = app.service.count()
     label, *_, result = predict(app.client, EXAMPLE)
-    assert len(label["confidences"]) == len(CLASSES)
+    assert label.count('class="prob-row"') == len(CLASSES)
     assert app.service.count() == before + 1
     record = app.service.get(result["prediction_id"])
     assert (record.age, record.sex, record.site) == (None, "unknown", "unknown")
@@ -153,7 +155,7 @@ def test_unusual_image_modes_are_converted_not_refused(app, files, make, name):
     path = make(files / name)
     before = app.service.count()
     label, *_, result = predict(app.client, path, 50, "male", "trunk")
-    assert len(label["confidences"]) == len(CLASSES)
+    assert label.count('class="prob-row"') == len(CLASSES)
     assert app.service.count() == before + 1
     record = app.service.get(result["prediction_id"])
     assert (record.image_width, record.image_height) == (200, 150)
@@ -230,7 +232,7 @@ def test_storage_failure_is_shown_not_hidden(app, monkeypatch):
     monkeypatch.setattr(app.service.db, "session", broken_session)
     label, alerts, *_, info, result = predict(app.client, EXAMPLE, 40, "female", "back")
     monkeypatch.undo()
-    assert len(label["confidences"]) == len(CLASSES)  # the prediction itself is still shown
+    assert label.count('class="prob-row"') == len(CLASSES)  # the prediction itself is still shown
     assert result["stored"] is False and result["prediction_id"] is None
     assert "could not be stored" in result["storage_error"]
     assert "Not saved to history" in alerts and "database is locked" in alerts
@@ -248,11 +250,11 @@ def test_history_filter_table_csv_and_detail(app):
     table, summary, csv_path = app.client.predict(
         "", "", [top], 0, "male", "scalp", api_name="/history"
     )
-    ids = [r[0] for r in table["data"]]
+    ids = [r[1] for r in table["data"]]
     assert row_id in ids and ids == sorted(ids, reverse=True)
-    assert table["headers"] == history.TABLE_COLUMNS
+    assert table["headers"] == views.HISTORY_TABLE_COLUMNS
     n = app.service.count({"classes": [top], "sex": "male", "site": "scalp"})
-    assert f"**{n}** matching" in summary
+    assert f"**{views.plural(n, 'matching prediction')}**" in summary
 
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -261,18 +263,18 @@ def test_history_filter_table_csv_and_detail(app):
     assert mine["predicted_class"] == top and float(mine["age"]) == 77
     assert float(mine[f"p_{top}"]) == pytest.approx(result["top_probability"])
 
-    shown_id, image, detail, probs = app.client.predict(row_id, api_name="/history_item")
+    shown_id, image, detail, probs, chart = app.client.predict(row_id, api_name="/history_item")
     assert shown_id == str(row_id) and f"Prediction #{row_id}" in detail
     assert "age 77" in detail and "body site scalp" in detail
-    assert probs["label"] == history.class_label(top)
-    assert np.asarray(Image.open(image)).shape[2] == 3
+    assert probs[probs.index('data-class="') :].startswith(f'data-class="{top}"')
+    assert np.asarray(Image.open(image)).shape[2] == 3 and Image.open(chart).size[0] > 100
 
     # A day range that excludes today finds nothing (and still gives a CSV with a header).
     table, summary, csv_path = app.client.predict(
         "2000-01-01", "2000-12-31", [], 0, "any", "any", api_name="/history"
     )
-    assert table["data"] in ([], [[""] * len(history.TABLE_COLUMNS)]) or not any(
-        r[0] for r in table["data"]
+    assert table["data"] in ([], [[""] * len(views.HISTORY_TABLE_COLUMNS)]) or not any(
+        r[1] for r in table["data"]
     )
     assert "No stored predictions match" in summary
     assert Path(csv_path).read_text().startswith("id,created_at,")
@@ -289,7 +291,7 @@ def test_history_csv_holds_every_row_beyond_the_table(app, monkeypatch):
     with open(csv_path, newline="") as fh:
         ids = [int(r["id"]) for r in csv.DictReader(fh)]
     assert len(ids) == total == len(set(ids))
-    assert ids[:2] == [r[0] for r in table["data"]]
+    assert ids[:2] == [r[1] for r in table["data"]]
 
 
 @pytest.mark.parametrize(
@@ -468,9 +470,9 @@ def test_no_store_images_keeps_history_without_thumbnails(tiny_checkpoint, tmp_p
         *_, result = predict(client, EXAMPLE, 50, "female", "face")
         row_id = result["prediction_id"]
         assert service.get(row_id).thumbnail is None
-        shown_id, image, detail, probs = client.predict(row_id, api_name="/history_item")
+        shown_id, image, detail, probs, _ = client.predict(row_id, api_name="/history_item")
         assert shown_id == str(row_id) and image is None and "No image stored" in detail
-        assert len(probs["confidences"]) == len(CLASSES)
+        assert probs.count('class="prob-row"') == len(CLASSES)
     finally:
         demo.close()
         service.close()

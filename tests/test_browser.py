@@ -1,7 +1,8 @@
 """End-to-end in a real browser: Playwright (sync API) driving Debian's chromium.
 
-Uploads an image, fills the form, submits, checks probabilities / heatmap / stored row, opens the
-History tab and the stored prediction, and the About tab. A screenshot of each tab is saved under
+Analyse (upload, form, result), a batch with a broken file, History (open a row, record its
+confirmed diagnosis), Agreement and About, at desktop width and at phone width (390 px). A
+screenshot of each tab is saved under
 the test's tmp_path and, with ``DERMFUSION_SAVE_SCREENSHOTS=1``, copied to ``docs/screenshots/``
 (then the shipped model is used when present, so the README shows real predictions).
 
@@ -97,71 +98,146 @@ def _save(page, tmp_path: Path, name: str) -> Path:
     return out
 
 
-def test_diagnose_history_about_in_a_real_browser(browser, served, tmp_path):
+def _open_tab(page, name: str) -> None:
+    """Click a tab; at phone width the last tabs sit in Gradio's "More tabs" menu."""
+    tab = page.get_by_role("tab", name=name)
+    if tab.count() and tab.first.is_visible():
+        tab.first.click()
+        return
+    page.get_by_label("More tabs").click()
+    page.locator(".overflow-dropdown button", has_text=name).click()
+
+
+def _no_sideways_scroll(page, width: int) -> None:
+    """Nothing is cut off: the page is no wider than the viewport."""
+    assert page.evaluate("document.documentElement.scrollWidth") <= width + 2
+
+
+def _analyse(page, image: Path, age: str, sex: str, site: str) -> int:
+    page.locator("input[type=file]").first.set_input_files(str(image))
+    page.get_by_label("Age (years, optional)").fill(age)
+    _choose(page, "Sex", sex)
+    _choose(page, "Body site", site)
+    page.get_by_role("button", name="Analyse", exact=True).click()
+    info = page.locator("#result-info")
+    info.get_by_text(re.compile(r"saved to history as #\d+")).wait_for()
+    return int(re.search(r"#(\d+)", info.inner_text()).group(1))
+
+
+def test_analyse_batch_history_agreement_about_in_a_real_browser(browser, served, tmp_path):
     service, url = served
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(WAIT_MS)
     page.goto(url)
-    page.get_by_role("button", name="Analyse").wait_for()
+    page.get_by_role("button", name="Analyse", exact=True).wait_for()
     assert page.get_by_text("Research and education only — not a diagnosis.").first.is_visible()
+    assert page.get_by_role("tab", name="Analyse").is_visible()
+    assert page.get_by_role("tab", name="Diagnose").count() == 0
 
     # An empty submission is refused with a clear message, not a traceback.
-    page.get_by_role("button", name="Analyse").click()
-    toast = page.get_by_text("No image was submitted").first
-    toast.wait_for()
+    page.get_by_role("button", name="Analyse", exact=True).click()
+    page.get_by_text("No image was submitted").first.wait_for()
     assert "Traceback" not in page.content()
     assert service.count() == 0
     page.reload()  # drop the error toast so it does not cover the screenshots
-    page.get_by_role("button", name="Analyse").wait_for()
+    page.get_by_role("button", name="Analyse", exact=True).wait_for()
 
-    # Upload, fill the form, submit.
-    image = EXAMPLES_DIR / "ISIC_0029281.jpg"
-    page.locator("input[type=file]").first.set_input_files(str(image))
-    page.get_by_label("Age (years, optional)").fill("35")
-    _choose(page, "Sex", "female")
-    _choose(page, "Body site", "back")
-    page.get_by_role("button", name="Analyse").click()
+    # A non-image is flagged on upload, before Analyse is pressed.
+    junk = tmp_path / "notes.jpg"
+    junk.write_text("this is not an image")
+    page.locator("input[type=file]").first.set_input_files(str(junk))
+    page.get_by_text("notes.jpg: not an image file").first.wait_for()
+    page.reload()
+    page.get_by_role("button", name="Analyse", exact=True).wait_for()
 
-    info = page.locator("#result-info")
-    info.get_by_text(re.compile(r"saved to history as #\d+")).wait_for()
-    row_id = int(re.search(r"#(\d+)", info.inner_text()).group(1))
-
+    # Analyse: upload, fill the form, submit.
+    row_id = _analyse(page, EXAMPLES_DIR / "ISIC_0029281.jpg", "35", "female", "back")
     probabilities = page.locator("#probabilities")
+    assert probabilities.locator(".prob-row").count() == len(CLASSES)
     for c in CLASSES:
         assert probabilities.get_by_text(CLASS_NAMES[c], exact=False).first.is_visible()
-    assert re.search(r"\d+%", probabilities.inner_text())
     heatmap = page.locator("#heatmap img").first
     heatmap.wait_for()
-    assert page.evaluate("(img) => img.naturalWidth", heatmap.element_handle()) > 32
+    assert page.evaluate("(img) => img.naturalWidth", heatmap.element_handle()) > 200
     assert page.locator("#contributions img").first.is_visible()
     assert "not a diagnosis" in page.locator("#alerts").inner_text()
-
-    # What the browser submitted is what was stored.
     assert service.count() == 1
     record = service.get(row_id)
     assert (record.age, record.sex, record.site) == (35.0, "female", "back")
     page.wait_for_timeout(500)  # let the result images finish painting for the screenshot
-    _save(page, tmp_path, "diagnose.png")
+    _save(page, tmp_path, "analyse.png")
 
-    # History: the tab refreshes itself; the row is there and opens on click.
+    # Batch: three example images and one broken file.
+    page.get_by_role("tab", name="Batch").click()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    batch = [EXAMPLES_DIR / n for n in ("ISIC_0028211.jpg", "ISIC_0029448.jpg", "ISIC_0030877.jpg")]
+    page.locator("#batch-files input[type=file]").set_input_files([*map(str, batch), str(broken)])
+    page.wait_for_timeout(1000)
+    page.get_by_role("button", name="Analyse batch").click()
+    summary = page.locator("#batch-summary")
+    summary.get_by_text("3 images analysed and stored").wait_for()
+    assert "1 file could not be analysed" in summary.inner_text()
+    assert "broken.jpg" in page.locator("#batch-table").inner_text()
+    assert service.count() == 4
+    page.wait_for_timeout(500)
+    _save(page, tmp_path, "batch.png")
+
+    # History: the tab refreshes itself; open the row, record its confirmed diagnosis.
     page.get_by_role("tab", name="History").click()
     table = page.locator("#history-table")
     cell = table.get_by_role("gridcell", name=str(row_id), exact=True).first
     cell.wait_for()
     assert "female" in table.inner_text() and "back" in table.inner_text()
-    assert "1" in page.locator("#history-summary").inner_text()
+    assert "4 matching predictions" in page.locator("#history-summary").inner_text()
     cell.click()
     detail = page.locator("#history-detail")
     detail.get_by_text(f"Prediction #{row_id}").wait_for()
     assert "age 35" in detail.inner_text() and "body site back" in detail.inner_text()
+    _choose(page, "Confirmed diagnosis", "Melanoma (mel)")
+    _choose(page, "Confirmed by", "histopathology")
+    page.get_by_role("button", name="Record confirmed diagnosis", exact=True).click()
+    page.locator("#history-status").get_by_text("recorded").wait_for()
+    assert service.get(row_id).confirmed_dx == "mel"
+    detail.get_by_text("Confirmed diagnosis").wait_for()
     page.wait_for_timeout(500)
     _save(page, tmp_path, "history.png")
 
-    # About: the model card, which renders without metrics for the tiny checkpoint.
+    # Agreement: the confirmed label counts.
+    page.get_by_role("tab", name="Agreement").click()
+    agreement = page.locator("#agreement-summary")
+    agreement.get_by_text("1 of 4 predictions has a confirmed diagnosis").wait_for()
+    page.wait_for_timeout(300)
+    _save(page, tmp_path, "agreement.png")
+
+    # About: the model card and (for the shipped model) its evaluation plots.
     page.get_by_role("tab", name="About").click()
     card = page.locator("#model-card")
     card.get_by_text("Model card").first.wait_for()
     text = card.inner_text()
     assert "HAM10000" in text and "Limitations" in text and "not a diagnosis" in text
+    page.wait_for_timeout(500)
     _save(page, tmp_path, "about.png")
     page.close()
+
+    # Phone width (390 px): every tab fits, nothing needs sideways scrolling.
+    phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    phone.set_default_timeout(WAIT_MS)
+    phone.goto(url)
+    phone.get_by_role("button", name="Analyse", exact=True).wait_for()
+    _analyse(phone, EXAMPLES_DIR / "ISIC_0028211.jpg", "65", "male", "face")
+    phone.locator("#heatmap img").first.wait_for()
+    phone.wait_for_timeout(500)
+    _no_sideways_scroll(phone, 390)
+    _save(phone, tmp_path, "phone_analyse.png")
+    for tab, ready, name in [
+        ("History", "#history-summary", "phone_history.png"),
+        ("Agreement", "#agreement-summary", "phone_agreement.png"),
+        ("About", "#model-card", "phone_about.png"),
+    ]:
+        _open_tab(phone, tab)
+        phone.locator(ready).get_by_text(re.compile(r"\w")).first.wait_for()
+        phone.wait_for_timeout(500)
+        _no_sideways_scroll(phone, 390)
+        _save(phone, tmp_path, name)
+    phone.close()

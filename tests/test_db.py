@@ -172,12 +172,13 @@ def test_migrated_schema_matches_models(database: Database):
 
 
 def test_migration_recorded_and_idempotent(database: Database):
-    assert migrations.current_version(database.engine) == 1
+    latest = migrations.latest_version()
+    assert migrations.current_version(database.engine) == latest
     assert database.migrate() == []
     assert migrations.migrate(database.engine) == []
     with database.engine.connect() as conn:
         rows = conn.execute(select(migrations.schema_migrations)).all()
-    assert [r.version for r in rows] == [1]
+    assert [r.version for r in rows] == list(range(1, latest + 1))
     assert rows[0].applied_at.tzinfo is not None
 
 
@@ -191,10 +192,11 @@ def test_new_migration_keeps_history(db_url: str, monkeypatch):
     insert(d1, make_row(predicted_class="mel"), make_row(age=None, site="face"))
     d1.dispose()
 
-    v2 = migrations.Migration(2, "add reviewer_note", _add_note_migration)
+    nxt = migrations.latest_version() + 1
+    v2 = migrations.Migration(nxt, "add reviewer_note", _add_note_migration)
     monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, v2])
     d2 = Database(url, migrate=False)
-    assert migrations.migrate(d2.engine) == [2]
+    assert migrations.migrate(d2.engine) == [nxt]
     assert migrations.migrate(d2.engine) == []  # second run is a no-op
     assert "reviewer_note" in {c["name"] for c in inspect(d2.engine).get_columns("predictions")}
     with d2.engine.connect() as conn:
@@ -202,7 +204,7 @@ def test_new_migration_keeps_history(db_url: str, monkeypatch):
             text("SELECT predicted_class, age, site, reviewer_note FROM predictions ORDER BY id")
         ).all()
         versions = conn.execute(text("SELECT version FROM schema_migrations ORDER BY version"))
-        assert [v for (v,) in versions] == [1, 2]
+        assert [v for (v,) in versions] == list(range(1, nxt + 1))
     assert [tuple(r) for r in rows] == [("mel", 50.0, "back", None), ("nv", None, "face", None)]
     d2.dispose()
 
@@ -217,13 +219,14 @@ def test_failing_migration_changes_nothing(db_url: str, monkeypatch):
         conn.exec_driver_sql("UPDATE predictions SET sex = 'male'")
         raise RuntimeError("migration bug")
 
-    broken = migrations.Migration(2, "broken", half_then_fail)
+    latest = migrations.latest_version()
+    broken = migrations.Migration(latest + 1, "broken", half_then_fail)
     monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, broken])
     with pytest.raises(RuntimeError, match="migration bug"):
         migrations.migrate(d.engine)
     cols = {c["name"] for c in inspect(d.engine).get_columns("predictions")}
     assert "reviewer_note" not in cols  # the DDL was rolled back too
-    assert migrations.current_version(d.engine) == 1
+    assert migrations.current_version(d.engine) == latest
     with d.session() as s:
         assert [r.sex for r in query_predictions(s)] == ["female"]
     d.dispose()
@@ -231,11 +234,12 @@ def test_failing_migration_changes_nothing(db_url: str, monkeypatch):
 
 def test_database_newer_than_code_is_refused(db_url: str, monkeypatch):
     url = db_url
-    v2 = migrations.Migration(2, "future", lambda conn: None)
-    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, v2])
+    known = list(migrations.MIGRATIONS)
+    future = migrations.Migration(len(known) + 1, "future", lambda conn: None)
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*known, future])
     Database(url).dispose()
-    monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:1])
-    with pytest.raises(DermError, match="schema version 2, newer"):
+    monkeypatch.setattr(migrations, "MIGRATIONS", known)
+    with pytest.raises(DermError, match=f"schema version {len(known) + 1}, newer"):
         Database(url)
 
 

@@ -123,7 +123,7 @@ def test_app_starts_and_shows_history_on_a_read_only_database(
     service = PredictionService.create(tiny_checkpoint, read_only_url(history_db))
     try:
         values = frontend.search_history(service, tmp_path, "", "", [], 0, "any", "any")
-        assert "**1** matching" in values["summary"]
+        assert "**1 matching prediction**" in values["summary"]
         assert "prediction" in frontend.show_record(service, "1")["detail"].lower()
     finally:
         service.close()
