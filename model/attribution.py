@@ -16,12 +16,14 @@ unknown site". Only the small fusion head is re-run, on cached image features, s
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 import torch
 from captum.attr import FeatureAblation, LayerAttribution, LayerGradCam
 
 from data_pipeline.schema import FIELD_SLICES, FIELDS, META_DIM, UNKNOWN_VECTOR
-from model.network import Network
+from model.network import FusionNet, Network
 
 
 def gradcam(model: Network, image: torch.Tensor, meta: torch.Tensor, target: int) -> np.ndarray:
@@ -29,17 +31,51 @@ def gradcam(model: Network, image: torch.Tensor, meta: torch.Tensor, target: int
 
     For an ensemble the maps of every member's last stage are summed (see ``cam_targets``)."""
     model.eval()
-    heat = np.zeros(tuple(image.shape[-2:]), dtype=np.float32)
+    maps = []
     for net, layer in model.cam_targets:
         cam = LayerGradCam(net, layer)
         with torch.enable_grad():
             attr = cam.attribute(
                 image, target=target, additional_forward_args=(meta,), relu_attributions=True
             )
-        up = LayerAttribution.interpolate(
-            attr, tuple(image.shape[-2:]), interpolate_mode="bilinear"
-        )
-        heat += up[0, 0].detach().float().cpu().numpy()
+        maps.append(attr.detach())
+    return _combine(maps, (int(image.shape[-2]), int(image.shape[-1])))
+
+
+def gradcam_from_maps(
+    model: Network, feature_maps: torch.Tensor, target: int, size: tuple[int, int]
+) -> np.ndarray:
+    """The same heatmap as :func:`gradcam`, computed in closed form from the members' last-stage
+    feature maps (the ONNX export's ``feature_maps``: members concatenated on channels).
+
+    Why it is exact: after its Grad-CAM layer each member global-average-pools the maps A (C, h, w),
+    concatenates them with the metadata branch and applies (eval-mode) dropout and a linear head,
+    so d logit_c / d A_k(i, j) = W[c, k] / (h·w) everywhere. Grad-CAM's channel weight — the
+    spatial mean of that gradient — is therefore W[c, k] / (h·w), and the map is
+    ReLU(Σ_k W[c, k] / (h·w) · A_k), exactly what Captum's ``LayerGradCam`` computes with one
+    backward pass. Valid only where :func:`model.onnx_runtime.supports_linear_cam` holds; a test
+    checks it against Captum on the shipped model.
+    """
+    maps, start = [], 0
+    for module, _ in model.cam_targets:
+        net = cast(FusionNet, module)
+        w = net.classifier.weight.detach()
+        channels = int(cast(Any, net.backbone).num_features)
+        a = feature_maps[:, start : start + channels].float()
+        start += channels
+        alpha = w[target, :channels] / float(a.shape[-2] * a.shape[-1])
+        maps.append(torch.relu(torch.einsum("k,bkij->bij", alpha, a)[:, None]))
+    if start != feature_maps.shape[1]:
+        raise ValueError(f"feature maps have {feature_maps.shape[1]} channels, expected {start}")
+    return _combine(maps, size)
+
+
+def _combine(maps: list[torch.Tensor], size: tuple[int, int]) -> np.ndarray:
+    """Upsample each member's (1, 1, h, w) map to ``size``, sum, and scale to [0, 1]."""
+    heat = np.zeros(size, dtype=np.float32)
+    for attr in maps:
+        up = LayerAttribution.interpolate(attr, size, interpolate_mode="bilinear")
+        heat += up[0, 0].float().cpu().numpy()
     heat = np.maximum(heat, 0.0)
     peak = float(heat.max())
     return (heat / peak).astype(np.float32) if peak > 0 else np.zeros_like(heat, dtype=np.float32)
