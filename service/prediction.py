@@ -69,10 +69,12 @@ class PredictionService:
         checkpoint: str | Path | None = None,
         db_url: str | None = None,
         store_images: bool = True,
+        runtime: str | None = None,
     ) -> PredictionService:
         """Load the checkpoint (None → shipped model) and open / migrate the database
-        (``db_url`` None → ``$SKIN_DB_URL`` or ``sqlite:///predictions.db``)."""
-        predictor = Predictor.from_checkpoint(checkpoint)
+        (``db_url`` None → ``$SKIN_DB_URL`` or ``sqlite:///predictions.db``); ``runtime``:
+        see :meth:`Predictor.from_checkpoint`."""
+        predictor = Predictor.from_checkpoint(checkpoint, runtime=runtime)
         return cls(predictor, Database(db_url), store_images=store_images)
 
     # --- predicting --------------------------------------------------------------------------
