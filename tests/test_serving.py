@@ -245,7 +245,7 @@ def _free_port() -> int:
 
 def test_serving_flags_parse():
     args = build_parser().parse_args([])
-    assert (args.concurrency, args.max_queue, args.max_file_size) == (2, 32, 20 * 1024**2)
+    assert (args.concurrency, args.max_queue, args.max_file_size) == (2, 64, 20 * 1024**2)
     assert _file_size("500kb") == 500 * 1024 and _file_size("1048576") == 1048576
     for bad in (["--max-file-size", "big"], ["--concurrency", "0"], ["--max-queue", "-3"]):
         with pytest.raises(SystemExit):
