@@ -97,8 +97,10 @@ class AppProcess:
         raise RuntimeError("the app did not start:\n" + "\n".join(self.lines[-20:]))
 
     def _lines(self) -> Iterator[str]:
+        # readline, not ``yield from stdout``: abandoning that generator would close the pipe
         assert self.proc.stdout is not None
-        yield from self.proc.stdout
+        while line := self.proc.stdout.readline():
+            yield line
 
     def _drain(self) -> None:
         for line in self._lines():
