@@ -300,6 +300,12 @@ def run(argv: list[str] | None = None) -> int:
         store_images=not args.no_store_images,
         runtime=args.runtime,
     )
+    if service.predictor.runtime == "onnx":
+        import torch
+
+        # ONNX Runtime runs the network on its own threads; PyTorch is left only the tiny fusion
+        # head (metadata ablation), where one thread avoids OpenMP hand-offs between requests.
+        torch.set_num_threads(1)
     db_url = service.db.display_url if service.db else "none"
     print(
         f"model {service.predictor.version} on {service.predictor.runtime}; "

@@ -234,7 +234,8 @@ class OnnxEngine:
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        # its own pool, independent of PyTorch's setting (the app leaves PyTorch 1 thread)
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.inter_op_num_threads = 1
         # Idle worker threads sleep instead of spinning: on a shared 2-core machine spinning
         # steals the CPU other requests (and other processes) need.

@@ -280,9 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     request = PredictionRequest.build(image, **REQUEST_FIELDS)
     result: dict[str, Any] = {"runtimes": {}}
     predictors = {}
+    threads = torch.get_num_threads()
     for runtime in args.runtimes:
+        # as the app does: with ONNX Runtime serving, PyTorch runs only the tiny head, on 1 thread
+        torch.set_num_threads(1 if runtime == "onnx" else threads)
         t0 = time.perf_counter()
-        predictor = Predictor.from_checkpoint(args.checkpoint, runtime=runtime)
+        predictor = Predictor.from_checkpoint(args.checkpoint, runtime=runtime, threads=threads)
         load_s = time.perf_counter() - t0
         predictors[runtime] = predictor
         result["runtimes"][runtime] = {
@@ -293,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
     serving = predictors[args.runtimes[0]]
+    torch.set_num_threads(1 if serving.runtime == "onnx" else threads)
     pre = serving.config.preprocessing
     result.update(
         {
@@ -300,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             "serving_runtime": serving.runtime,
             "input_size": [pre.height, pre.width],
             "image": str(image),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": threads,
+            "onnx_threads": serving.engine.session.get_session_options().intra_op_num_threads
+            if serving.engine is not None
+            else None,
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
