@@ -74,7 +74,7 @@ def gradcam_from_maps(
         total += np.maximum(np.tensordot(alpha, a, axes=1), 0.0)
     if start != maps.shape[0]:
         raise ValueError(f"feature maps have {maps.shape[0]} channels, expected {start}")
-    grid_h, grid_w = int(total.shape[0]), int(total.shape[1])
+    grid_h, grid_w = int(maps.shape[-2]), int(maps.shape[-1])
     heat = _bilinear(grid_h, size[0]) @ total @ _bilinear(grid_w, size[1]).T
     return _normalise(heat)
 
