@@ -209,7 +209,7 @@ def _rss_mb() -> float:
 
 
 @pytest.mark.slow
-def test_memory_stays_flat_over_many_predictions(runtimes, tmp_path):
+def test_memory_stays_flat_over_many_predictions(runtimes, tmp_path, monkeypatch):
     """Predict, explain, store and render 300 times: no growth from caches, figures or temp
     files (RSS within 64 MB after warm-up, no open matplotlib figure, no new temp file)."""
     import tempfile
@@ -219,19 +219,22 @@ def test_memory_stays_flat_over_many_predictions(runtimes, tmp_path):
     from db.session import Database
 
     service = PredictionService(runtimes[0], Database(f"sqlite:///{tmp_path / 'h.db'}"))
-    tmp_before = set(Path(tempfile.gettempdir()).iterdir())
+    private_tmp = tmp_path / "tmp"  # this process's temp files only (the machine is shared)
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
     try:
         for i in range(30):
             frontend.diagnose(service, str(EXAMPLES[i % len(EXAMPLES)]), "40", "male", "back")
         base = _rss_mb()
         for i in range(300):
             frontend.diagnose(service, str(EXAMPLES[i % len(EXAMPLES)]), str(i % 90), "", "")
-        assert _rss_mb() - base < 64
+        growth = _rss_mb() - base
+        assert growth < 64, f"resident memory grew by {growth:.0f} MB over 300 predictions"
         assert service.count() == 330
     finally:
         service.close()
     assert pyplot().get_fignums() == []
-    assert set(Path(tempfile.gettempdir()).iterdir()) - tmp_before == set()
+    assert list(private_tmp.iterdir()) == []
 
 
 # --- many users at once: the real app ------------------------------------------------------------
