@@ -3,11 +3,17 @@
     python -m app                                   # shipped model, sqlite:///predictions.db
     python -m app --checkpoint runs/fusion --db sqlite:///history.db --port 7861
     python -m app --share --auth alice:s3cret       # temporary public link, password protected
+    python -m app --concurrency 2 --max-queue 32 --max-file-size 20mb   # serving limits (defaults)
 
 The history database is --db, else $SKIN_DB_URL, else sqlite:///predictions.db in the current
 directory. --share asks Gradio for a temporary public *.gradio.live link; without internet no link
 can be made and the app keeps serving locally. Always combine --share with --auth: anyone with
 the link can otherwise use the app and read its prediction history.
+
+Many users at once: --concurrency predictions run at the same time (default 2, one per core of a
+small server; the predictor is thread-safe), up to --max-queue more wait, and beyond that a
+request is refused at once with "The demo is busy, try again in a moment" instead of waiting
+without bound. Uploads above --max-file-size are refused before they are stored.
 """
 
 from __future__ import annotations
@@ -25,6 +31,15 @@ from common.text import DISCLAIMER
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+#: Predictions running at once. Measured on 2 cores (README, Benchmarks): 2 beats 1 (decoding,
+#: rendering and storing one request overlap the other's inference) and 4 only adds contention.
+DEFAULT_CONCURRENCY = 2
+#: Requests allowed to wait (all events together): 50 users pressing Analyse at once all get an
+#: answer, and a full queue drains in a few seconds at ~10 predictions per second.
+DEFAULT_MAX_QUEUE = 64
+#: Largest accepted upload: a 60-megapixel dermoscopy photo is well under 20 MB as JPEG or PNG.
+DEFAULT_MAX_FILE_SIZE = "20mb"
+BUSY_MESSAGE = "The demo is busy, try again in a moment."
 
 
 @dataclass
@@ -85,7 +100,99 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="store predictions without image thumbnails (privacy)",
     )
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"predictions running at the same time (default {DEFAULT_CONCURRENCY})",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        default=DEFAULT_MAX_QUEUE,
+        help=f"requests that may wait; more are refused as busy (default {DEFAULT_MAX_QUEUE})",
+    )
+    p.add_argument(
+        "--max-file-size",
+        type=_file_size,
+        default=DEFAULT_MAX_FILE_SIZE,
+        help=f"largest upload, e.g. 20mb or 500kb (default {DEFAULT_MAX_FILE_SIZE})",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=("auto", "onnx", "torch"),
+        default=None,
+        help="auto: ONNX Runtime when the checkpoint has a valid export, else PyTorch (default; "
+        "or $DERMFUSION_RUNTIME); onnx / torch force one",
+    )
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}")
+    return value
+
+
+_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+
+
+def _file_size(text: str) -> int:
+    """``20mb`` / ``500kb`` / ``1048576`` → bytes (Gradio's units, 1 kb = 1024 b)."""
+    value = str(text).strip().lower().replace(" ", "")
+    number, unit = value, "b"
+    for suffix in sorted(_UNITS, key=len, reverse=True):
+        if value.endswith(suffix):
+            number, unit = value[: -len(suffix)], suffix
+            break
+    try:
+        size = float(number) * _UNITS[unit]
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a size such as 20mb or 500kb, got {text!r}")
+    return int(size)
+
+
+def configure_serving(
+    demo: Any,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+) -> None:
+    """Bound the work a shared link can queue: ``concurrency`` predictions at once, at most
+    ``max_queue`` requests waiting (all events together), and a clear "busy" refusal beyond.
+
+    Called after :func:`app.frontend.make_frontend` and before :func:`launch`: the queue is
+    re-created with the new size (keeping the frontend's default limit for other events) and the
+    ``/predict`` event gets ``concurrency`` as its limit."""
+    default_limit = getattr(getattr(demo, "_queue", None), "default_concurrency_limit", None)
+    demo.queue(default_concurrency_limit=default_limit, max_size=max_queue)
+    for fn in demo.fns.values():
+        if getattr(fn, "api_name", None) == "predict":
+            fn.concurrency_limit = concurrency
+    _busy_message(demo._queue)
+
+
+def _busy_message(queue: Any) -> None:
+    """Replace Gradio's "Queue is full. Max size is N and size is N." (the HTTP 503 detail)
+    with :data:`BUSY_MESSAGE`. The browser shows its own "This application is currently busy.
+    Please try again." for the same 503 and ``gradio_client`` raises ``QueueError``; the
+    refusal itself is Gradio's ``max_size``, this only words it for API users."""
+    push = getattr(queue, "push", None)
+    if push is None:
+        return
+
+    async def busy_aware_push(*args: Any, **kwargs: Any) -> Any:
+        ok, detail, state = await push(*args, **kwargs)
+        if state == "queue_full":
+            detail = BUSY_MESSAGE
+        return ok, detail, state
+
+    queue.push = busy_aware_push
 
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -116,6 +223,7 @@ def launch(
     share: bool = False,
     auth: list[tuple[str, str]] | None = None,
     quiet: bool = False,
+    max_file_size: int | str | None = DEFAULT_MAX_FILE_SIZE,
 ) -> Served:
     """Start serving ``demo`` without blocking; falls back to local-only when sharing fails.
 
@@ -136,6 +244,9 @@ def launch(
         "show_error": False,
         "ssr_mode": False,
         "css": CSS,
+        # Gradio stops reading an upload past this and answers 413 "File size exceeded maximum
+        # allowed size of N bytes." (the browser checks it before uploading, too)
+        "max_file_size": max_file_size,
     }
     try:
         demo.launch(share=share, **kwargs)
@@ -184,12 +295,34 @@ def run(argv: list[str] | None = None) -> int:
     from service.prediction import PredictionService
 
     service = PredictionService.create(
-        args.checkpoint, db_url=args.db, store_images=not args.no_store_images
+        args.checkpoint,
+        db_url=args.db,
+        store_images=not args.no_store_images,
+        runtime=args.runtime,
     )
+    if service.predictor.runtime == "onnx":
+        import torch
+
+        # ONNX Runtime runs the network on its own threads; PyTorch is left only the tiny fusion
+        # head (metadata ablation), where one thread avoids OpenMP hand-offs between requests.
+        torch.set_num_threads(1)
     db_url = service.db.display_url if service.db else "none"
-    print(f"model {service.predictor.version}; history database {db_url}", flush=True)
+    print(
+        f"model {service.predictor.version} on {service.predictor.runtime}; "
+        f"history database {db_url}; {args.concurrency} at once, {args.max_queue} may wait, "
+        f"uploads up to {args.max_file_size / 1024**2:.0f} MB",
+        flush=True,
+    )
     demo = make_frontend(service)
-    launch(demo, host=args.host, port=args.port, share=args.share, auth=args.auth)
+    configure_serving(demo, concurrency=args.concurrency, max_queue=args.max_queue)
+    launch(
+        demo,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        auth=args.auth,
+        max_file_size=args.max_file_size,
+    )
     try:
         demo.block_thread()
     finally:

@@ -2,6 +2,13 @@
 
 Training, evaluation, the CLIs and the app all decode through :func:`load_rgb`, so a format that
 is accepted (or refused) in one is accepted (or refused) in all.
+
+Prediction requests (:func:`read_image`) also bound their cost: an image is brought down to a
+working size (longest side :data:`WORKING_SIDE`) while it is decoded — a JPEG decodes directly at
+1/2, 1/4 or 1/8 scale (``Image.draft``), anything else is reduced right after decoding — so a
+59-megapixel upload costs about what a phone photo costs in every later step (colour constancy,
+heatmap, overlay, thumbnail), and what is shown or returned is never larger than that. The model
+itself sees 192 px, so 1024 px keeps ample detail for the heatmap and thumbnail.
 """
 
 from __future__ import annotations
@@ -21,15 +28,21 @@ from common.errors import ImageError
 MIN_SIDE = 32
 #: Refuse images larger than this many pixels (decompression bombs; 60 MP ≈ a 9000×6700 photo).
 MAX_PIXELS = 60_000_000
+#: Longest side of a prediction request's working image (see :func:`read_image`).
+WORKING_SIDE = 1024
 
 ImageSource = str | Path | bytes | bytearray | Image.Image | np.ndarray
 
 
-def _open(source: ImageSource, name: str) -> Image.Image:
+def _open(
+    source: ImageSource, name: str, max_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """(decoded image, its stored (w, h) before any draft-mode reduction)."""
     if isinstance(source, Image.Image):
-        return source
+        return source, source.size
     if isinstance(source, np.ndarray):
-        return _from_array(source, name)
+        img = _from_array(source, name)
+        return img, img.size
     data: io.BytesIO | Path
     if isinstance(source, (bytes, bytearray)):
         if not source:
@@ -46,6 +59,10 @@ def _open(source: ImageSource, name: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(data)
             _check_size(img.size, name)
+            stored = img.size
+            if max_side is not None and img.format == "JPEG":
+                # decode at the smallest 1/2^k scale that still covers the working size
+                img.draft("RGB", _working_size(img.size, max_side))
             img.load()
     except ImageError:
         raise
@@ -59,7 +76,7 @@ def _open(source: ImageSource, name: str) -> Image.Image:
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: the image file is corrupt or truncated ({exc}).") from None
-    return img
+    return img, stored
 
 
 def _from_array(arr: np.ndarray, name: str) -> Image.Image:
@@ -116,13 +133,69 @@ def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
         raise ImageError(f"{name}: cannot convert {img.mode} image to RGB ({exc}).") from None
 
 
-def load_rgb(source: ImageSource, name: str | None = None) -> np.ndarray:
-    """Decode ``source`` to an RGB uint8 array (H, W, 3), or raise :class:`ImageError`."""
+def _working_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(w, h) scaled so the longest side is at most ``max_side`` (never enlarged), keeping the
+    shortest side at least :data:`MIN_SIDE` so a thin image stays usable."""
+    w, h = size
+    scale = min(1.0, max(max_side / max(w, h), MIN_SIDE / min(w, h)))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+#: Modes ``Image.reduce`` handles (palette and 16-bit images are converted first).
+_REDUCIBLE = ("RGB", "RGBA", "RGBX", "L", "LA", "I", "F", "CMYK", "YCbCr")
+
+
+def _reduce(img: Image.Image, max_side: int) -> Image.Image:
+    """An integer box-filter reduction towards the working size, in the decoded mode (before the
+    RGB conversion, so a huge grayscale image is never tripled in memory at full size)."""
+    target = _working_size(img.size, max_side)
+    factor = min(img.size[0] // target[0], img.size[1] // target[1])
+    return img.reduce(factor) if factor >= 2 and img.mode in _REDUCIBLE else img
+
+
+def _downscale(img: Image.Image, max_side: int) -> Image.Image:
+    """Shrink an RGB image to the working size: an integer ``reduce`` first (cheap), then one
+    antialiased resize to the exact size."""
+    img = _reduce(img, max_side)
+    target = _working_size(img.size, max_side)
+    return img.resize(target, Image.Resampling.LANCZOS) if img.size != target else img
+
+
+def load_rgb(
+    source: ImageSource, name: str | None = None, max_side: int | None = None
+) -> np.ndarray:
+    """Decode ``source`` to an RGB uint8 array (H, W, 3), or raise :class:`ImageError`.
+
+    ``max_side``: bring the image down to this longest side while decoding (see the module
+    docstring); None keeps every pixel (training and evaluation)."""
     if name is None:
         name = str(source) if isinstance(source, (str, Path)) else "image"
-    img = _open(source, name)
-    _check_size(img.size, name)
-    return np.asarray(to_rgb(img, name), dtype=np.uint8)
+    return np.asarray(_decode(source, name, max_side)[0], dtype=np.uint8)
+
+
+def _decode(
+    source: ImageSource, name: str, max_side: int | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image, original (w, h)) — the size is the file's, before any downscaling."""
+    img, stored = _open(source, name, max_side)
+    _check_size(stored, name)
+    original = _upright(img, stored)
+    if max_side is not None:
+        img = _reduce(img, max_side)
+    rgb = to_rgb(img, name)
+    if max_side is not None:
+        rgb = _downscale(rgb, max_side)
+    return rgb, original
+
+
+def _upright(img: Image.Image, stored: tuple[int, int]) -> tuple[int, int]:
+    """The original (w, h) as displayed: an EXIF rotation by 90° swaps the stored sides."""
+    w, h = stored
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a malformed EXIF block must not stop decoding
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 @dataclass(frozen=True)
@@ -132,13 +205,18 @@ class DecodedImage:
     rgb: np.ndarray
     sha256: str
     name: str
+    #: (width, height) of the image as submitted, before it was brought to the working size.
+    original_size: tuple[int, int] | None = None
 
 
-def read_image(source: ImageSource, name: str | None = None) -> DecodedImage:
-    """Read ``source`` once, hash it and decode it (raises :class:`ImageError`).
+def read_image(
+    source: ImageSource, name: str | None = None, max_side: int | None = WORKING_SIDE
+) -> DecodedImage:
+    """Read ``source`` once, hash it and decode it at most ``max_side`` pixels long
+    (raises :class:`ImageError`).
 
-    The hash is of the uploaded bytes (bytes or a file path), else of the decoded RGB pixels.
-    A file is read into memory a single time and decoded from those bytes.
+    The hash is of the uploaded bytes (bytes or a file path), else of the decoded RGB pixels
+    (before downscaling). A file is read into memory a single time and decoded from those bytes.
     """
     if name is None:
         name = str(source) if isinstance(source, (str, Path)) else "image"
@@ -152,7 +230,11 @@ def read_image(source: ImageSource, name: str | None = None) -> DecodedImage:
             raise ImageError(f"{name}: the file cannot be read ({exc.strerror}).") from None
     if isinstance(source, (bytes, bytearray)):
         digest = hashlib.sha256(bytes(source)).hexdigest()
-        return DecodedImage(load_rgb(source, name), digest, name)
-    rgb = load_rgb(source, name)
-    digest = hashlib.sha256(np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()).hexdigest()
-    return DecodedImage(rgb, digest, name)
+        img, original = _decode(source, name, max_side)
+        return DecodedImage(np.asarray(img, dtype=np.uint8), digest, name, original)
+    full, original = _decode(source, name, None)
+    rgb = np.asarray(full, dtype=np.uint8)
+    digest = hashlib.sha256(np.ascontiguousarray(rgb).tobytes()).hexdigest()
+    if max_side is not None:
+        rgb = np.asarray(_downscale(full, max_side), dtype=np.uint8)
+    return DecodedImage(rgb, digest, name, original)

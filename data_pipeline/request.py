@@ -25,6 +25,9 @@ class PredictionRequest:
     target: str | None
     image_sha256: str
     name: str = "image"
+    #: (width, height) as submitted; ``rgb`` is the working-size image (at most
+    #: :data:`data_pipeline.images.WORKING_SIDE` long). None: the size of ``rgb``.
+    original_size: tuple[int, int] | None = None
 
     @classmethod
     def build(
@@ -54,12 +57,16 @@ class PredictionRequest:
         """A request for one more image with fields that were already validated (e.g. the same
         ``--age/--sex/--site`` applied to several files)."""
         decoded = read_image(image, name)
-        return cls(decoded.rgb, metadata, target, decoded.sha256, decoded.name)
+        return cls(
+            decoded.rgb, metadata, target, decoded.sha256, decoded.name, decoded.original_size
+        )
 
     @property
     def height(self) -> int:
-        return int(self.rgb.shape[0])
+        """Height of the image as submitted (stored in the history)."""
+        return int(self.original_size[1]) if self.original_size else int(self.rgb.shape[0])
 
     @property
     def width(self) -> int:
-        return int(self.rgb.shape[1])
+        """Width of the image as submitted (stored in the history)."""
+        return int(self.original_size[0]) if self.original_size else int(self.rgb.shape[1])

@@ -16,12 +16,15 @@ unknown site". Only the small fusion head is re-run, on cached image features, s
 
 from __future__ import annotations
 
+import functools
+from typing import Any, cast
+
 import numpy as np
 import torch
 from captum.attr import FeatureAblation, LayerAttribution, LayerGradCam
 
 from data_pipeline.schema import FIELD_SLICES, FIELDS, META_DIM, UNKNOWN_VECTOR
-from model.network import Network
+from model.network import FusionNet, Network
 
 
 def gradcam(model: Network, image: torch.Tensor, meta: torch.Tensor, target: int) -> np.ndarray:
@@ -29,17 +32,78 @@ def gradcam(model: Network, image: torch.Tensor, meta: torch.Tensor, target: int
 
     For an ensemble the maps of every member's last stage are summed (see ``cam_targets``)."""
     model.eval()
-    heat = np.zeros(tuple(image.shape[-2:]), dtype=np.float32)
+    maps = []
     for net, layer in model.cam_targets:
         cam = LayerGradCam(net, layer)
         with torch.enable_grad():
             attr = cam.attribute(
                 image, target=target, additional_forward_args=(meta,), relu_attributions=True
             )
-        up = LayerAttribution.interpolate(
-            attr, tuple(image.shape[-2:]), interpolate_mode="bilinear"
-        )
-        heat += up[0, 0].detach().float().cpu().numpy()
+        maps.append(attr.detach())
+    return _combine(maps, (int(image.shape[-2]), int(image.shape[-1])))
+
+
+def gradcam_from_maps(
+    model: Network, feature_maps: torch.Tensor, target: int, size: tuple[int, int]
+) -> np.ndarray:
+    """The same heatmap as :func:`gradcam`, computed in closed form from the members' last-stage
+    feature maps (the ONNX export's ``feature_maps``: members concatenated on channels).
+
+    Why it is exact: after its Grad-CAM layer each member global-average-pools the maps A (C, h, w),
+    concatenates them with the metadata branch and applies (eval-mode) dropout and a linear head,
+    so d logit_c / d A_k(i, j) = W[c, k] / (h·w) everywhere. Grad-CAM's channel weight — the
+    spatial mean of that gradient — is therefore W[c, k] / (h·w), and the map is
+    ReLU(Σ_k W[c, k] / (h·w) · A_k), exactly what Captum's ``LayerGradCam`` computes with one
+    backward pass. Valid only where :func:`model.onnx_runtime.supports_linear_cam` holds; a test
+    checks it against Captum on the shipped model.
+
+    Computed in NumPy (a few microseconds): the members' maps are summed on the small grid and
+    upsampled once with PyTorch's bilinear weights (``align_corners=False``), which equals
+    upsampling each and summing, since the upsampling is linear.
+    """
+    maps = feature_maps[0].detach().float().cpu().numpy()
+    total = np.zeros(maps.shape[1:], dtype=np.float32)
+    start = 0
+    for module, _ in model.cam_targets:
+        net = cast(FusionNet, module)
+        channels = int(cast(Any, net.backbone).num_features)
+        w = net.classifier.weight.detach()[target, :channels].float().cpu().numpy()
+        a = maps[start : start + channels]
+        start += channels
+        alpha = w / float(a.shape[-2] * a.shape[-1])
+        total += np.maximum(np.tensordot(alpha, a, axes=1), 0.0)
+    if start != maps.shape[0]:
+        raise ValueError(f"feature maps have {maps.shape[0]} channels, expected {start}")
+    grid_h, grid_w = int(maps.shape[-2]), int(maps.shape[-1])
+    heat = _bilinear(grid_h, size[0]) @ total @ _bilinear(grid_w, size[1]).T
+    return _normalise(heat)
+
+
+@functools.lru_cache(maxsize=16)
+def _bilinear(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix of PyTorch's bilinear upsampling weights (``align_corners=False``)."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = (src - i0).astype(np.float32)
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, i0), 1.0 - frac)
+    np.add.at(m, (rows, i1), frac)
+    return m
+
+
+def _combine(maps: list[torch.Tensor], size: tuple[int, int]) -> np.ndarray:
+    """Upsample each member's (1, 1, h, w) map to ``size``, sum, and scale to [0, 1]."""
+    heat = np.zeros(size, dtype=np.float32)
+    for attr in maps:
+        up = LayerAttribution.interpolate(attr, size, interpolate_mode="bilinear")
+        heat += up[0, 0].float().cpu().numpy()
+    return _normalise(heat)
+
+
+def _normalise(heat: np.ndarray) -> np.ndarray:
+    """ReLU, then scale to [0, 1] by the peak (all zeros stay zeros)."""
     heat = np.maximum(heat, 0.0)
     peak = float(heat.max())
     return (heat / peak).astype(np.float32) if peak > 0 else np.zeros_like(heat, dtype=np.float32)
@@ -63,7 +127,8 @@ def metadata_contributions(
     does not use metadata (image-only variant)."""
     if not model.uses_metadata:
         return None
-    model.eval()
+    if model.training:  # (a recursive eval() costs milliseconds per request when already set)
+        model.eval()
 
     def prob_of_target(m: torch.Tensor) -> torch.Tensor:
         logits = model.head(features.expand(m.shape[0], -1), m)

@@ -25,6 +25,8 @@ from model.network import ModelConfig, Network, build_network
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+#: The ONNX export (see model.onnx_runtime), written beside the weights.
+ONNX_FILE = "model.onnx"
 FORMAT_VERSION = 1
 #: The model shipped with the package and used when no --checkpoint is given.
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
@@ -44,6 +46,9 @@ class CheckpointConfig:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     ood: dict[str, Any] = field(default_factory=dict)
+    #: The ONNX export beside the weights (file, SHA-256, the weights hash it was made from);
+    #: written by :func:`model.onnx_runtime.export_onnx`, empty when there is none.
+    onnx: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     weights_sha256: str = ""
     format_version: int = FORMAT_VERSION
@@ -66,6 +71,7 @@ class CheckpointConfig:
             "training": self.training,
             "metrics": self.metrics,
             "ood": self.ood,
+            "onnx": self.onnx,
         }
 
     @classmethod
@@ -81,6 +87,7 @@ class CheckpointConfig:
             training=d.get("training", {}),
             metrics=d.get("metrics", {}),
             ood=d.get("ood", {}),
+            onnx=d.get("onnx", {}),
             created_at=d["created_at"],
             weights_sha256=d.get("weights_sha256", ""),
         )
@@ -116,6 +123,9 @@ def save_checkpoint(
     state = {k: _cast(v.detach().cpu(), dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS_FILE))
     cfg.weights_sha256 = hashlib.sha256((out_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
+    # new weights: an earlier export no longer describes them (model.onnx_runtime re-exports)
+    cfg.onnx = {}
+    (out_dir / ONNX_FILE).unlink(missing_ok=True)
     write_config(cfg, out_dir)
     return out_dir
 

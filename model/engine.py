@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
@@ -10,6 +12,9 @@ from torch.utils.data import DataLoader
 from data_pipeline.dataset import LesionDataset
 from data_pipeline.transforms import ImageTransform, Preprocessing
 from model.network import Network
+
+if TYPE_CHECKING:
+    from model.onnx_runtime import OnnxEngine
 
 #: Test-time augmentation views: identity, h-flip, v-flip, 180° rotation (all label-preserving).
 TTA_VIEWS = (
@@ -44,17 +49,30 @@ def collect_outputs(
     device: torch.device | str = "cpu",
     tta: bool = False,
     progress: bool = False,
+    engine: OnnxEngine | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Raw (uncalibrated) logits, labels and pooled image features (of the un-augmented view,
-    what the OOD check reads) for every batch of ``loader``."""
+    what the OOD check reads) for every batch of ``loader``.
+
+    ``engine``: run the network on ONNX Runtime (the checkpoint's verified export) instead of
+    PyTorch; same outputs, several times faster on a CPU."""
     model.eval()
     logits, labels, feats = [], [], []
     iterator = loader
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(loader, desc="eval", unit="batch", leave=False)
+        iterator = tqdm(loader, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
     for images, meta, y in iterator:
+        if engine is not None:
+            out, f = engine.logits_and_features(images, meta)
+            if tta:
+                flipped = [engine.logits_and_features(v(images), meta)[0] for v in TTA_VIEWS[1:]]
+                out = torch.stack([out, *flipped]).mean(dim=0)
+            logits.append(out.numpy())
+            feats.append(f.numpy())
+            labels.append(np.asarray(y))
+            continue
         images, meta = images.to(device), meta.to(device)
         with torch.autocast(device_type=torch.device(device).type, enabled=_amp(device)):
             f = model.image_features(images)
@@ -73,9 +91,10 @@ def collect_logits(
     device: torch.device | str = "cpu",
     tta: bool = False,
     progress: bool = False,
+    engine: OnnxEngine | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Raw (uncalibrated) logits and labels for every batch of ``loader``."""
-    logits, labels, _ = collect_outputs(model, loader, device, tta, progress)
+    logits, labels, _ = collect_outputs(model, loader, device, tta, progress, engine)
     return logits, labels
 
 

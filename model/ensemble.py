@@ -31,6 +31,7 @@ from model.checkpoint import (
 from model.engine import eval_loader
 from model.evaluate import select_rows
 from model.network import FusionEnsemble, FusionNet, Network
+from model.onnx_runtime import export_onnx
 from model.scoring import EvalSets, calibrate_and_score
 
 
@@ -149,4 +150,5 @@ def build_ensemble(
     out = Path(out)
     save_checkpoint(model, ck, out, dtype=dtype)
     detector.save(out)
+    export_onnx(out, model, ck)  # the ensemble ships with its ONNX export
     return out, ck

@@ -29,6 +29,7 @@ from model.calibration import softmax
 from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
 from model.engine import collect_outputs, eval_loader
 from model.metrics import compute_metrics, reliability_bins
+from model.onnx_runtime import OnnxEngine
 from model.ood import FeatureDistance, flag_rates
 
 
@@ -107,16 +108,24 @@ def evaluate(
     external: Sequence[Path | str] = (),
     by_source: bool = False,
     geometry: str | None = None,
+    runtime: str | None = None,
 ) -> dict:
     """Score ``checkpoint`` (None → shipped model); writes files to ``out`` when given.
 
-    ``geometry`` overrides the checkpoint's framing policy (to measure squash / pad / crop)."""
+    ``geometry`` overrides the checkpoint's framing policy (to measure squash / pad / crop).
+    ``runtime``: auto (ONNX Runtime on a CPU when the checkpoint's export is valid), onnx or
+    torch; None reads ``$DERMFUSION_RUNTIME``."""
     folder = resolve_dir(checkpoint)
     model, cfg = load_checkpoint(folder, device=device)
+    engine = None
+    if torch.device(device).type == "cpu":
+        engine = OnnxEngine.for_checkpoint(folder, cfg, runtime)
     pre = cfg.preprocessing if geometry is None else replace(cfg.preprocessing, geometry=geometry)
     df, info = _rows(data_dir, cfg, split, splits_path, external)
     loader = eval_loader(df, pre, batch_size=batch_size)
-    logits, labels, feats = collect_outputs(model, loader, device, tta=tta, progress=progress)
+    logits, labels, feats = collect_outputs(
+        model, loader, device, tta=tta, progress=progress, engine=engine
+    )
     probs = softmax(logits, cfg.temperature)
     distance, threshold = None, float("inf")
     detector = FeatureDistance.from_checkpoint(folder, cfg.ood)
@@ -141,6 +150,7 @@ def evaluate(
             "data_dir": str(data_dir),
             "external": [str(e) for e in external],
             "tta": tta,
+            "runtime": "onnx" if engine is not None else "torch",
             "temperature": cfg.temperature,
             "preprocessing": pre.to_dict(),
             **info,

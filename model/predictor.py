@@ -3,10 +3,17 @@
 Usable without any UI (FSDL style): the CLIs, the history service and the Gradio app all call
 :meth:`Predictor.predict` with a :class:`data_pipeline.request.PredictionRequest`, which was
 validated once at the edge. Preprocessing comes from the checkpoint's config, never re-declared.
+
+The network runs on ONNX Runtime when the checkpoint has a verified export and ``onnxruntime`` is
+installed (:mod:`model.onnx_runtime`), else on PyTorch, the reference; ``runtime`` (or
+``$DERMFUSION_RUNTIME``) forces one. Both give the same probabilities and explanations: one ONNX
+pass yields the logits, the pooled features (OOD check, metadata ablation on the PyTorch head)
+and the Grad-CAM layer's maps, from which Grad-CAM is exact in closed form.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +26,16 @@ from data_pipeline.images import ImageSource
 from data_pipeline.request import PredictionRequest
 from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT, Metadata
 from data_pipeline.transforms import ImageTransform, model_view
-from model.attribution import gradcam, metadata_contributions, resize_heatmap
+from model.attribution import (
+    gradcam,
+    gradcam_from_maps,
+    metadata_contributions,
+    resize_heatmap,
+)
 from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
-from model.engine import tta_logits
+from model.engine import TTA_VIEWS, tta_logits
 from model.network import Network
+from model.onnx_runtime import OnnxEngine, supports_linear_cam
 from model.ood import LOW_CONFIDENCE, FeatureDistance
 
 #: Below this calibrated top-class probability a prediction is flagged as low confidence.
@@ -88,10 +101,19 @@ class Prediction:
 
 
 class Predictor:
-    """Loads a self-describing checkpoint once and serves predictions (thread-safe for reads)."""
+    """Loads a self-describing checkpoint once and serves predictions.
+
+    Thread-safe: a prediction reads the model and writes only its own tensors (ONNX Runtime
+    sessions and PyTorch modules in eval mode allow concurrent calls; Captum's hook-based
+    Grad-CAM, the PyTorch path, is serialised), so the app may run a few predictions at once."""
 
     def __init__(
-        self, model: Network, config: CheckpointConfig, folder: Path, device: str = "cpu"
+        self,
+        model: Network,
+        config: CheckpointConfig,
+        folder: Path,
+        device: str = "cpu",
+        engine: OnnxEngine | None = None,
     ) -> None:
         self.model = model.eval()
         self.config = config
@@ -99,13 +121,34 @@ class Predictor:
         self.device = torch.device(device)
         self.transform = ImageTransform(config.preprocessing, train=False)
         self.ood = FeatureDistance.from_checkpoint(folder, config.ood)
+        self.engine = engine if self.device.type == "cpu" else None
+        self._linear_cam = supports_linear_cam(model)
+        # Captum's LayerGradCam hooks the shared module, so concurrent PyTorch Grad-CAMs would
+        # read each other's activations; the closed form on ONNX feature maps needs no lock.
+        self._captum_lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, path: Path | str | None = None, device: str = "cpu") -> Predictor:
-        """``path`` None → the shipped model."""
+    def from_checkpoint(
+        cls,
+        path: Path | str | None = None,
+        device: str = "cpu",
+        runtime: str | None = None,
+        threads: int = 0,
+    ) -> Predictor:
+        """``path`` None → the shipped model. ``runtime``: ``auto`` (ONNX Runtime when possible,
+        else PyTorch), ``onnx`` (refuse without a valid export) or ``torch``; None reads
+        ``$DERMFUSION_RUNTIME`` (default auto). ``threads``: ONNX Runtime threads per call."""
         folder = resolve_dir(path)
         model, cfg = load_checkpoint(folder, device=device)
-        return cls(model, cfg, folder, device)
+        engine = None
+        if torch.device(device).type == "cpu":
+            engine = OnnxEngine.for_checkpoint(folder, cfg, runtime, threads=threads)
+        return cls(model, cfg, folder, device, engine)
+
+    @property
+    def runtime(self) -> str:
+        """``onnx`` or ``torch``: what runs the network."""
+        return "onnx" if self.engine is not None else "torch"
 
     @property
     def version(self) -> str:
@@ -140,9 +183,20 @@ class Predictor:
         rgb, x = self.preprocess(request.rgb)
         m = torch.as_tensor(request.metadata.encode(), device=self.device)[None]
         temperature = self.config.temperature
+        maps = None
         with torch.no_grad():
-            features = self.model.image_features(x)
-            logits = tta_logits(self.model, x, m, features) if tta else self.model.head(features, m)
+            if self.engine is not None:
+                out = self.engine.run(x, m)
+                features, logits, maps = out["features"], out["logits"], out.get("feature_maps")
+                if tta:  # the identity view is already run; the flipped views in one batch
+                    views = torch.cat([view(x) for view in TTA_VIEWS[1:]])
+                    flipped = self.engine.run(views, m.expand(len(views), -1))["logits"]
+                    logits = torch.cat([logits, flipped]).mean(dim=0, keepdim=True)
+            else:
+                features = self.model.image_features(x)
+                logits = (
+                    tta_logits(self.model, x, m, features) if tta else self.model.head(features, m)
+                )
             probs = torch.softmax(logits / temperature, dim=1)[0].cpu().numpy()
         pred = Prediction(
             probabilities={c: float(p) for c, p in zip(CLASSES, probs, strict=True)},
@@ -157,7 +211,12 @@ class Predictor:
             pred.metadata_contributions = metadata_contributions(
                 self.model, features, m, tgt, temperature
             )
-            pred.heatmap_grid = gradcam(self.model, x, m, tgt)
+            size = (int(x.shape[-2]), int(x.shape[-1]))
+            if maps is not None and self._linear_cam:
+                pred.heatmap_grid = gradcam_from_maps(self.model, maps, tgt, size)
+            else:
+                with self._captum_lock:
+                    pred.heatmap_grid = gradcam(self.model, x, m, tgt)
             pred.heatmap = resize_heatmap(pred.heatmap_grid, rgb.shape[:2])
         pred.latency_ms = (time.perf_counter() - t0) * 1000.0
         return pred

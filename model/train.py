@@ -50,6 +50,7 @@ from model.engine import eval_loader
 from model.losses import class_weights, sampled_prior, source_aware_ce
 from model.metrics import headline
 from model.network import DEFAULT_BACKBONE, FusionEnsemble, FusionNet, ModelConfig, Network
+from model.onnx_runtime import export_onnx
 from model.scoring import SELECTION_RULE, EvalSets, calibrate_and_score, selection_score, validate
 
 
@@ -517,4 +518,5 @@ def finalize(out: Path, sets: EvalSets, device: torch.device) -> Path:
     detector = calibrate_and_score(model, ck, sets, device)
     save_checkpoint(model, ck, out)
     detector.save(out)
+    export_onnx(out, model, ck)  # every final checkpoint ships with its ONNX export
     return out

@@ -19,6 +19,7 @@ from common.cli import run_cli
 from data_pipeline.transforms import GEOMETRIES
 from model.evaluate import evaluate
 from model.metrics import headline
+from model.onnx_runtime import RUNTIMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average flips / 180° rotation")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=None,
+        help="auto: ONNX Runtime when the checkpoint has a valid export, else PyTorch (default; "
+        "or $DERMFUSION_RUNTIME); onnx / torch force one",
+    )
     return p
 
 
@@ -97,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         external=args.external,
         by_source=args.by_source,
         geometry=args.geometry,
+        runtime=args.runtime,
     )
-    print(f"{m['model_version']} (split {m['split']}, tta={m['tta']})")
+    print(f"{m['model_version']} (split {m['split']}, tta={m['tta']}, runtime {m['runtime']})")
     for name, sub in m.get("by_source", {}).items():
         print_report(sub, f"[{name}]")
     print_report(m, "[all rows]")

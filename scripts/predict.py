@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tta", action="store_true", help="average over flips (slower)")
     p.add_argument(
+        "--runtime",
+        default=None,
+        metavar="auto|onnx|torch",
+        help="auto: ONNX Runtime when the checkpoint has a valid export, else PyTorch (default; "
+        "or $DERMFUSION_RUNTIME); onnx / torch force one",
+    )
+    p.add_argument(
         "--target",
         default=None,
         metavar="CLASS",
@@ -155,14 +162,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # One code path with or without --db: the service predicts and, given a database, stores.
     db = Database(args.db) if args.db else None
-    service = PredictionService(
-        Predictor.from_checkpoint(args.checkpoint), db, store_images=not args.no_store_images
-    )
+    predictor = Predictor.from_checkpoint(args.checkpoint, runtime=args.runtime)
+    service = PredictionService(predictor, db, store_images=not args.no_store_images)
     results: list[dict[str, Any]] = []
     failed = 0
     used_names: set[str] = set()
     try:
-        for path in args.images:
+        for path in _progress(args.images):
             try:
                 request = PredictionRequest.for_image(path, metadata, target)
                 stored = service.predict_and_store(request, tta=args.tta)
@@ -188,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     return 0
+
+
+def _progress(paths: list[str]) -> Any:
+    """A progress bar on stderr for batches (stdout keeps only the results)."""
+    from tqdm import tqdm
+
+    return tqdm(paths, desc="predict", unit="image", disable=len(paths) < 2, leave=False)
 
 
 def cli() -> int:

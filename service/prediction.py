@@ -9,7 +9,6 @@ prediction, and leaves nothing half-written (the row is one transaction).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +55,10 @@ class StoredPrediction:
 
 
 class PredictionService:
-    """Predictor + history database. Safe to share between threads: inference is serialised by a
-    lock, and each store uses its own session and transaction."""
+    """Predictor + history database. Safe to share between threads: the predictor is thread-safe
+    (see :class:`model.predictor.Predictor`), and each store uses its own session and
+    transaction. How many predictions run at once is the caller's choice (the app's
+    ``--concurrency``)."""
 
     def __init__(
         self, predictor: Predictor, db: Database | None, store_images: bool = True
@@ -65,7 +66,6 @@ class PredictionService:
         self.predictor = predictor
         self.db = db
         self.store_images = store_images
-        self._lock = threading.Lock()
 
     @classmethod
     def create(
@@ -73,10 +73,12 @@ class PredictionService:
         checkpoint: str | Path | None = None,
         db_url: str | None = None,
         store_images: bool = True,
+        runtime: str | None = None,
     ) -> PredictionService:
         """Load the checkpoint (None → shipped model) and open / migrate the database
-        (``db_url`` None → ``$SKIN_DB_URL`` or ``sqlite:///predictions.db``)."""
-        predictor = Predictor.from_checkpoint(checkpoint)
+        (``db_url`` None → ``$SKIN_DB_URL`` or ``sqlite:///predictions.db``); ``runtime``:
+        see :meth:`Predictor.from_checkpoint`."""
+        predictor = Predictor.from_checkpoint(checkpoint, runtime=runtime)
         return cls(predictor, Database(db_url), store_images=store_images)
 
     # --- predicting --------------------------------------------------------------------------
@@ -85,8 +87,7 @@ class PredictionService:
         self, request: PredictionRequest, *, tta: bool = False
     ) -> StoredPrediction:
         """Predict with explanations, then store one row (when there is a database)."""
-        with self._lock:
-            pred = self.predictor.predict(request, explain=True, tta=tta)
+        pred = self.predictor.predict(request, explain=True, tta=tta)
         if self.db is None:
             return StoredPrediction(id=None, prediction=pred, stored=False)
 

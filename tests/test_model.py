@@ -290,6 +290,8 @@ def test_train_resume_evaluate_and_ensemble_cli(tmp_path):
     assert cfg["preprocessing"]["height"] == 64 and cfg["ood"]["threshold"] > 0
     for name in ("history.csv", "learning_curve.png", "splits.csv", "ood.safetensors"):
         assert (out / name).is_file()
+    # the final checkpoint ships with its verified ONNX export
+    assert (out / "model.onnx").is_file() and cfg["onnx"]["weights_sha256"] == cfg["weights_sha256"]
 
     ev = tmp_path / "eval"
     r = subprocess.run(
@@ -313,7 +315,7 @@ def test_train_resume_evaluate_and_ensemble_cli(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((ev / "metrics.json").read_text())
-    assert m["n"] == cfg["metrics"]["test"]["n"] and m["tta"] is True
+    assert m["n"] == cfg["metrics"]["test"]["n"] and m["tta"] is True and m["runtime"] == "onnx"
 
     # a second seed on the same split, then both into one ensemble checkpoint
     second = [*base[:6], str(tmp_path / "run_s1"), *base[7:], "--epochs", "1", "--seed", "1"]
@@ -333,8 +335,13 @@ def test_train_resume_evaluate_and_ensemble_cli(tmp_path):
     assert ens["training"]["split_sha256"] == cfg["training"]["split_sha256"]
     assert ens["metrics"]["test"]["n"] == m["n"] and ens["temperature"] > 0
     image = next(data.rglob("*.jpg"))
-    pred = Predictor.from_checkpoint(tmp_path / "ens").predict(image, age=50)
+    served = Predictor.from_checkpoint(tmp_path / "ens")
+    assert served.runtime == "onnx" and (tmp_path / "ens" / "model.onnx").is_file()
+    pred = served.predict(image, age=50)
     assert abs(sum(pred.probabilities.values()) - 1) < 1e-5 and pred.heatmap is not None
+    ref = Predictor.from_checkpoint(tmp_path / "ens", runtime="torch").predict(image, age=50)
+    for c, p in ref.probabilities.items():
+        assert abs(pred.probabilities[c] - p) < 1e-4
 
     r = subprocess.run(
         [*ens_cmd, str(tmp_path / "e1"), str(out)], cwd=REPO, capture_output=True, text=True

@@ -1,0 +1,284 @@
+"""ONNX export of a checkpoint and the ONNX Runtime engine that serves it.
+
+Why: on a 2-core CPU, ONNX Runtime runs the Lite0 backbone several times faster than eager
+PyTorch (fused Conv+BN+activation kernels, no Python per layer). PyTorch stays the reference and
+the fallback: every checkpoint still loads and predicts without ``onnxruntime``.
+
+**The export** (``model.onnx`` beside ``model.safetensors``) takes ``image`` (B, 3, H, W) and
+``meta`` (B, 20) and returns, in one pass, everything serving needs:
+
+- ``logits``: the network's raw (uncalibrated) logits — an ensemble's mean over its members;
+- ``features``: the pooled image features (members concatenated), which the OOD check and the
+  metadata ablation read;
+- ``feature_maps``: each member's last conv stage (the Grad-CAM layer), concatenated on channels,
+  so Grad-CAM is computed exactly from them without a backward pass
+  (:func:`model.attribution.gradcam_from_maps`). Only backbones whose last conv stage feeds an
+  average pool directly export it (:func:`supports_linear_cam`).
+
+**Size.** Weights are stored as float16 when rounding them through float16 is exact (always true
+for a checkpoint saved in float16, like the shipped ensemble); each such initializer is cast to
+float32 inside the graph, a cast ONNX Runtime folds away when the session loads, so the file is
+half the size at no cost in accuracy or speed. BatchNorm is kept as its own node at export (not
+folded into the convolution by the exporter) so the stored weights stay exactly the checkpoint's;
+ONNX Runtime fuses it when the session loads.
+
+**Integrity.** ``config.json`` → ``onnx`` records the file's SHA-256 and the weights hash it was
+exported from. On load a missing runtime, a missing file, or a mismatch of either hash means the
+export is not used: with ``runtime="auto"`` the predictor falls back to PyTorch and says why on
+stderr; with ``runtime="onnx"`` it refuses with a :class:`CheckpointError`. A stale export can
+therefore never serve predictions from other weights than the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.checkpoint import (
+    ONNX_FILE,
+    CheckpointConfig,
+    CheckpointError,
+    load_checkpoint,
+    write_config,
+)
+from model.network import FusionEnsemble, FusionNet, Network
+
+OPSET = 17
+INPUTS = ("image", "meta")
+#: Graph outputs, in order (``feature_maps`` only where :func:`supports_linear_cam`).
+OUTPUTS = ("logits", "features", "feature_maps")
+RUNTIMES = ("auto", "onnx", "torch")
+#: Environment variable choosing the runtime when no flag does (auto / onnx / torch).
+RUNTIME_ENV = "DERMFUSION_RUNTIME"
+
+
+def members(model: Network) -> list[FusionNet]:
+    """The single networks of ``model`` (one for a FusionNet, N for an ensemble)."""
+    return model.nets if isinstance(model, FusionEnsemble) else [model]
+
+
+def supports_linear_cam(model: Network) -> bool:
+    """True when each member's Grad-CAM layer output goes straight into a global average pool
+    and from there, through concatenation and (eval-mode) dropout, into the linear classifier —
+    the case where Grad-CAM has a closed form in the feature maps (timm EfficientNets)."""
+    for net in members(model):
+        backbone: Any = net.backbone
+        pool = getattr(backbone, "global_pool", None)
+        if not (
+            hasattr(backbone, "bn2")
+            and net.last_conv is backbone.bn2
+            and hasattr(backbone, "forward_features")
+            and getattr(pool, "pool_type", None) == "avg"
+            and isinstance(net.classifier, nn.Linear)
+        ):
+            return False
+    return True
+
+
+class _Exportable(nn.Module):
+    """``model`` as one graph: (image, meta) → logits, pooled features[, feature maps]."""
+
+    def __init__(self, model: Network) -> None:
+        super().__init__()
+        self.model = model
+        self.with_maps = supports_linear_cam(model)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.with_maps:
+            features = self.model.image_features(image)
+            return self.model.head(features, meta), features
+        maps, pooled = [], []
+        for net in members(self.model):
+            backbone: Any = net.backbone
+            a = backbone.forward_features(image)  # ends in bn2 = net.last_conv
+            maps.append(a)
+            pooled.append(backbone.forward_head(a))
+        features = torch.cat(pooled, dim=1)
+        return self.model.head(features, meta), features, torch.cat(maps, dim=1)
+
+
+def export_onnx(
+    folder: Path | str,
+    model: Network | None = None,
+    cfg: CheckpointConfig | None = None,
+    verbose: bool = False,
+) -> Path:
+    """Export the checkpoint in ``folder`` to ``folder/model.onnx`` and record its hash in
+    ``config.json``. ``model`` / ``cfg`` skip reloading when the caller has them (as saved)."""
+    folder = Path(folder)
+    if model is None or cfg is None:
+        model, cfg = load_checkpoint(folder)
+    model = model.cpu().eval()
+    pre = cfg.preprocessing
+    wrapper = _Exportable(model).eval()
+    names = list(OUTPUTS if wrapper.with_maps else OUTPUTS[:2])
+    example = (torch.zeros(1, 3, pre.height, pre.width), torch.zeros(1, cfg.model.meta_dim))
+    batch = {0: "batch"}
+    with tempfile.TemporaryDirectory(prefix="dermfusion-onnx-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            # the TorchScript exporter warns that it is deprecated; it is the one that keeps
+            # BatchNorm unfolded (TrainingMode.PRESERVE), and its output is checked below
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                example,
+                str(raw),
+                input_names=list(INPUTS),
+                output_names=names,
+                dynamic_axes={name: batch for name in (*INPUTS, *names)},
+                opset_version=OPSET,
+                # keep BatchNorm as nodes: their weights stay the checkpoint's (exactly float16
+                # for a float16 checkpoint); ONNX Runtime fuses them at session load.
+                training=torch.onnx.TrainingMode.PRESERVE,
+                dynamo=False,
+                verbose=False,
+            )
+        data = _shrink(raw)
+    out = folder / ONNX_FILE
+    tmp_out = out.with_suffix(".onnx.tmp")
+    tmp_out.write_bytes(data)
+    tmp_out.replace(out)
+    cfg.onnx = {
+        "file": ONNX_FILE,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "weights_sha256": cfg.weights_sha256,
+        "opset": OPSET,
+        "outputs": names,
+        "bytes": len(data),
+    }
+    write_config(cfg, folder)
+    if verbose:
+        print(f"wrote {out} ({len(data) / 1e6:.1f} MB)", file=sys.stderr)
+    return out
+
+
+def _shrink(path: Path) -> bytes:
+    """The ONNX model with every float32 initializer that float16 represents exactly stored as
+    float16 plus a Cast back to float32 (lossless; the cast is folded when a session loads)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    casts = []
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        arr = numpy_helper.to_array(init)
+        if arr.size < 16:
+            continue
+        half = arr.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), arr):
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(half, name=f"{name}__fp16"))
+        casts.append(helper.make_node("Cast", [f"{name}__fp16"], [name], to=TensorProto.FLOAT))
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def onnx_status(folder: Path | str, cfg: CheckpointConfig) -> str | None:
+    """None when ``folder``'s export can serve ``cfg``'s weights, else why not (one sentence)."""
+    folder = Path(folder)
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "onnxruntime is not installed (pip install onnxruntime)"
+    path = folder / ONNX_FILE
+    if not cfg.onnx or not path.is_file():
+        return f"{folder} has no ONNX export (run: python -m scripts.export {folder})"
+    if cfg.onnx.get("weights_sha256") != cfg.weights_sha256:
+        return (
+            f"{path} was exported from other weights than {folder}'s "
+            f"(re-export: python -m scripts.export {folder})"
+        )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != cfg.onnx.get("sha256"):
+        return (
+            f"{path} does not match the SHA-256 recorded in config.json "
+            f"(re-export: python -m scripts.export {folder})"
+        )
+    return None
+
+
+def resolve_runtime(runtime: str | None) -> str:
+    """The runtime to use: the argument, else ``$DERMFUSION_RUNTIME``, else ``auto``."""
+    value = (runtime or os.environ.get(RUNTIME_ENV) or "auto").strip().lower()
+    if value not in RUNTIMES:
+        raise CheckpointError(
+            f"Unknown runtime {value!r} (from --runtime or ${RUNTIME_ENV}): use one of "
+            f"{', '.join(RUNTIMES)}."
+        )
+    return value
+
+
+class OnnxEngine:
+    """An ONNX Runtime session over a checkpoint's verified export. ``run`` is thread-safe
+    (ONNX Runtime allows concurrent ``run`` calls on one session)."""
+
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # its own pool, independent of PyTorch's setting (the app leaves PyTorch 1 thread)
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.inter_op_num_threads = 1
+        # Idle worker threads sleep instead of spinning: on a shared 2-core machine spinning
+        # steals the CPU other requests (and other processes) need.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.has_maps = "feature_maps" in self.outputs
+
+    @classmethod
+    def for_checkpoint(
+        cls, folder: Path | str, cfg: CheckpointConfig, runtime: str | None = None, threads: int = 0
+    ) -> OnnxEngine | None:
+        """The engine for ``folder`` when the runtime (``auto`` / ``onnx`` / ``torch``, see
+        :func:`resolve_runtime`) and the export allow it; None means: serve with PyTorch."""
+        runtime = resolve_runtime(runtime)
+        if runtime == "torch":
+            return None
+        problem = onnx_status(folder, cfg)
+        if problem is not None:
+            if runtime == "onnx":
+                raise CheckpointError(f"Cannot serve with ONNX Runtime: {problem}.")
+            print(f"note: serving with PyTorch: {problem}.", file=sys.stderr, flush=True)
+            return None
+        return cls(Path(folder) / ONNX_FILE, threads=threads)
+
+    def run(self, image: torch.Tensor, meta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Outputs by name (:data:`OUTPUTS`), as float32 CPU tensors."""
+        feed = {"image": _numpy(image)}
+        if "meta" in self.inputs:
+            feed["meta"] = _numpy(meta)
+        values = self.session.run(self.outputs, feed)
+        return {name: torch.from_numpy(v) for name, v in zip(self.outputs, values, strict=True)}
+
+    def logits_and_features(
+        self, image: torch.Tensor, meta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What batched evaluation reads: raw logits and pooled features."""
+        out = self.run(image, meta)
+        return out["logits"], out["features"]
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().float().cpu().numpy())
