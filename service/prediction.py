@@ -108,8 +108,7 @@ class PredictionService:
     def explain(self, request: PredictionRequest) -> Prediction:
         """Predict with explanations without storing anything: re-explaining a result for
         another class (``request.target``) must not add a second history row."""
-        with self._lock:
-            return self.predictor.predict(request, explain=True)
+        return self.predictor.predict(request, explain=True)
 
     def _record(self, pred: Prediction, request: PredictionRequest) -> PredictionRecord:
         cfg = self.predictor.config
