@@ -123,9 +123,11 @@ class Predictor:
         self.ood = FeatureDistance.from_checkpoint(folder, config.ood)
         self.engine = engine if self.device.type == "cpu" else None
         self._linear_cam = supports_linear_cam(model)
-        # Captum's LayerGradCam hooks the shared module, so concurrent PyTorch Grad-CAMs would
-        # read each other's activations; the closed form on ONNX feature maps needs no lock.
-        self._captum_lock = threading.Lock()
+        # Captum's LayerGradCam hooks the shared module, so while it runs *any* other PyTorch
+        # forward through that module (another request's) would overwrite the activation it
+        # differentiates: on PyTorch, predictions run one at a time. ONNX Runtime serving needs
+        # no lock (closed-form Grad-CAM on its feature maps; the head has no hooks).
+        self._torch_lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(
@@ -179,6 +181,12 @@ class Predictor:
         """
         if not isinstance(request, PredictionRequest):
             request = PredictionRequest.build(request, **fields)
+        if self.engine is not None:
+            return self._predict(request, explain, tta)
+        with self._torch_lock:
+            return self._predict(request, explain, tta)
+
+    def _predict(self, request: PredictionRequest, explain: bool, tta: bool) -> Prediction:
         t0 = time.perf_counter()
         rgb, x = self.preprocess(request.rgb)
         m = torch.as_tensor(request.metadata.encode(), device=self.device)[None]
@@ -215,8 +223,7 @@ class Predictor:
             if maps is not None and self._linear_cam:
                 pred.heatmap_grid = gradcam_from_maps(self.model, maps, tgt, size)
             else:
-                with self._captum_lock:
-                    pred.heatmap_grid = gradcam(self.model, x, m, tgt)
+                pred.heatmap_grid = gradcam(self.model, x, m, tgt)
             pred.heatmap = resize_heatmap(pred.heatmap_grid, rgb.shape[:2])
         pred.latency_ms = (time.perf_counter() - t0) * 1000.0
         return pred
