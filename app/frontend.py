@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
+from PIL import Image
 
 from app import views
 from common.errors import DermError
@@ -195,6 +197,26 @@ def _forget_uploads(service: PredictionService, paths: Iterable[Any]) -> None:
             path.parent.rmdir()  # Gradio keeps each upload in its own folder
 
 
+def fresh_image(rgb: np.ndarray | None) -> Image.Image | None:
+    """An output image whose encoded bytes are unique to this response.
+
+    Gradio caches an output image under the hash of its bytes and (re)writes that file in place,
+    so two users who get the *same* picture at the same moment (an example image clicked by
+    both) share one file, and the second write truncates it while the first is being downloaded
+    ("peer closed connection without sending complete message body"). A random id in the image's
+    metadata (a PNG text chunk; EXIF for other formats) makes each response's file its own;
+    Gradio's cache clean-up removes them."""
+    if rgb is None:
+        return None
+    image = Image.fromarray(rgb)
+    tag = f"DermFusion output {uuid.uuid4().hex}"
+    image.info["Description"] = tag  # written by Gradio as a PNG text chunk
+    exif = Image.Exif()
+    exif[0x010E] = tag  # ImageDescription, for WebP / JPEG outputs
+    image.info["exif"] = exif.tobytes()
+    return image
+
+
 # --- Analyse -------------------------------------------------------------------------------------
 
 
@@ -214,8 +236,10 @@ def _explanation_values(pred: Any, alpha: float) -> Values:
     """Heatmap (original | overlay | colour scale), metadata chart and the view state."""
     target = pred.attribution_target or pred.top_class
     return {
-        "heatmap": side_by_side(pred.image, pred.heatmap, alpha),
-        "chart": contributions_chart(pred.metadata_contributions, target, pred.metadata),
+        "heatmap": fresh_image(side_by_side(pred.image, pred.heatmap, alpha)),
+        "chart": fresh_image(
+            contributions_chart(pred.metadata_contributions, target, pred.metadata)
+        ),
         "view": {"image": pred.image, "heatmap": pred.heatmap, "target": target},
     }
 
@@ -304,7 +328,8 @@ def redraw_heatmap(view: dict[str, Any] | None, opacity: Any) -> Values:
     """The heatmap at another opacity (no new prediction)."""
     if not view or view.get("image") is None:
         return {"heatmap": gr.skip()}
-    return {"heatmap": side_by_side(view["image"], view.get("heatmap"), _opacity(opacity))}
+    alpha = _opacity(opacity)
+    return {"heatmap": fresh_image(side_by_side(view["image"], view.get("heatmap"), alpha))}
 
 
 def check_upload(image: str | None) -> Values:
@@ -787,10 +812,12 @@ def _detail_values(record: PredictionRecord) -> Values:
     target = record.attribution_target or record.predicted_class
     return {
         "pick_id": str(record.id),
-        "detail_image": side_by_side(image, heat, DEFAULT_OPACITY),
+        "detail_image": fresh_image(side_by_side(image, heat, DEFAULT_OPACITY)),
         "detail": history.detail_markdown(record),
         "detail_probabilities": views.probabilities_html(record.probabilities or {}),
-        "detail_chart": contributions_chart(record.metadata_contributions, target, metadata),
+        "detail_chart": fresh_image(
+            contributions_chart(record.metadata_contributions, target, metadata)
+        ),
     }
 
 

@@ -549,3 +549,24 @@ def test_model_card_of_a_multi_source_checkpoint(app):
     legacy = views.model_card_markdown(old)
     assert "cropped to 4:3" in legacy and "10.1038/sdata.2018.161" in legacy
     assert "99th percentile" in legacy
+
+
+def test_identical_output_images_get_their_own_cache_files():
+    """Gradio rewrites a cached output file named by the hash of its bytes: two users getting the
+    same picture at once must not share (and truncate) one file."""
+    import io
+
+    import numpy as np
+    from gradio import processing_utils
+    from PIL import Image
+
+    from app.frontend import fresh_image
+
+    rgb = (np.arange(40 * 30 * 3) % 251).astype(np.uint8).reshape(40, 30, 3)
+    for fmt in ("png", "webp"):
+        a = processing_utils.encode_pil_to_bytes(fresh_image(rgb), fmt)
+        b = processing_utils.encode_pil_to_bytes(fresh_image(rgb), fmt)
+        assert processing_utils.hash_bytes(a) != processing_utils.hash_bytes(b)
+    png = processing_utils.encode_pil_to_bytes(fresh_image(rgb), "png")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), rgb)
+    assert fresh_image(None) is None

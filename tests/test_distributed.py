@@ -148,6 +148,7 @@ def test_torchrun_two_processes_train_resume_and_match_single_process_eval(tmp_p
             "history.csv",
             "history.json",
             "learning_curve.png",
+            "model.onnx",
             "model.safetensors",
             "ood.safetensors",
             "splits.csv",

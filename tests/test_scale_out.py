@@ -94,7 +94,7 @@ def test_two_app_servers_share_one_postgres_history(postgres_url, tiny_checkpoin
         # Each server's History endpoint sees every row, whichever server stored it.
         for client in clients:
             _, summary, csv_path = client.predict("", "", [], 0, "any", "any", api_name="/history")
-            assert f"**{2 * PER_SERVER}**" in summary
+            assert f"**{2 * PER_SERVER} matching predictions**" in summary
             with open(csv_path, newline="") as fh:
                 assert {int(r["id"]) for r in csv.DictReader(fh)} == ids
     finally:
