@@ -36,8 +36,9 @@ import os
 import sys
 import tempfile
 import warnings
+from copy import deepcopy
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -106,6 +107,41 @@ class _Exportable(nn.Module):
         return self.model.head(features, meta), features, torch.cat(maps, dim=1)
 
 
+E = TypeVar("E", bound=nn.Module)
+
+
+def static_same_padding(module: E, example: tuple[torch.Tensor, ...]) -> E:
+    """A copy of ``module`` whose TensorFlow-style "SAME" convolutions pad by a fixed amount.
+
+    The ``tf_`` EfficientNets compute the asymmetric padding of their strided convolutions from
+    the input's shape at every call (timm's ``Conv2dSame``); exported as is, that is a chain of
+    Shape / Gather / Ceil / Pad nodes per convolution that ONNX Runtime runs on every request.
+    The model's input size is fixed by its preprocessing, so timm's ``Conv2dSameExport`` (the
+    same weights, padding computed once from ``example``) gives the same outputs bit for bit
+    with a static graph."""
+    from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
+
+    copy = deepcopy(module)
+    for parent in list(copy.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv2dSame):
+                static = Conv2dSameExport(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    0,
+                    child.dilation,
+                    child.groups,
+                    child.bias is not None,
+                )
+                static.load_state_dict(child.state_dict())
+                setattr(parent, name, static)
+    with torch.no_grad():
+        copy(*example)  # each Conv2dSameExport fixes its padding for this input size
+    return copy
+
+
 def export_onnx(
     folder: Path | str,
     model: Network | None = None,
@@ -119,9 +155,9 @@ def export_onnx(
         model, cfg = load_checkpoint(folder)
     model = model.cpu().eval()
     pre = cfg.preprocessing
-    wrapper = _Exportable(model).eval()
-    names = list(OUTPUTS if wrapper.with_maps else OUTPUTS[:2])
     example = (torch.zeros(1, 3, pre.height, pre.width), torch.zeros(1, cfg.model.meta_dim))
+    wrapper = static_same_padding(_Exportable(model).eval(), example)
+    names = list(OUTPUTS if wrapper.with_maps else OUTPUTS[:2])
     batch = {0: "batch"}
     with tempfile.TemporaryDirectory(prefix="dermfusion-onnx-") as tmp:
         raw = Path(tmp) / "raw.onnx"
