@@ -125,15 +125,16 @@ def static_same_padding(module: E, example: tuple[torch.Tensor, ...]) -> E:
     for parent in list(copy.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Conv2dSame):
+                conv: Any = child  # nn.Conv2d types its sizes as tuple[int, ...]
                 static = Conv2dSameExport(
-                    child.in_channels,
-                    child.out_channels,
-                    child.kernel_size,
-                    child.stride,
+                    conv.in_channels,
+                    conv.out_channels,
+                    conv.kernel_size,
+                    conv.stride,
                     0,
-                    child.dilation,
-                    child.groups,
-                    child.bias is not None,
+                    conv.dilation,
+                    conv.groups,
+                    conv.bias is not None,
                 )
                 static.load_state_dict(child.state_dict())
                 setattr(parent, name, static)
