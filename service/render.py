@@ -180,16 +180,17 @@ def side_by_side(
         heat = Image.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F")
         heat = heat.resize((w, h), Image.Resampling.BILINEAR)
         shown = overlay_heatmap(small, np.asarray(heat, dtype=np.float32), alpha)
-    top, gap, bar_w, label_w = 22, 8, 14, 44
+    # a top margin the app's image label and buttons can cover without hiding the titles
+    top, gap, bar_w, label_w = 56, 8, 14, 44
     width = 2 * w + gap + (gap + bar_w + label_w if heatmap is not None else 0)
     canvas = Image.new("RGB", (width, h + top + 4), "white")
     canvas.paste(Image.fromarray(small), (0, top))
     canvas.paste(Image.fromarray(shown), (w + gap, top))
     draw = ImageDraw.Draw(canvas)
     font = _font(13)
-    draw.text((w / 2, top / 2), "original", "black", font, "mm")
+    draw.text((w / 2, top - 12), "original", "black", font, "mm")
     title = "Grad-CAM overlay" if heatmap is not None else "no heatmap"
-    draw.text((w + gap + w / 2, top / 2), title, "black", font, "mm")
+    draw.text((w + gap + w / 2, top - 12), title, "black", font, "mm")
     if heatmap is not None:
         ramp = (np.linspace(1.0, 0.0, h) * 255).astype(np.uint8)[:, None]
         colour = cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
@@ -216,7 +217,7 @@ def _font(size: int) -> Any:
 
 
 #: Size of the metadata-contributions chart (what a 5 × 2.2 inch figure at 100 dpi was).
-CHART_SIZE = (500, 220)
+CHART_SIZE = (500, 250)
 
 
 def contributions_chart(
@@ -239,7 +240,7 @@ def contributions_chart(
         draw.text((width / 2, height / 2), "this model does not use metadata", "black", font, "mm")
         return np.asarray(img)
     labels = field_labels(metadata)
-    left, right, top, bottom = 100, width - 20, 12, height - 48
+    left, right, top, bottom = 100, width - 20, 44, height - 48
     fields = list(contributions)
     vals = [100.0 * contributions[f] for f in fields]
     lim = max(1.0, max(abs(v) for v in vals) * 1.25)
