@@ -25,21 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.frontend import PREDICT_CONCURRENCY, QUEUE_SIZE
 from common.cli import run_cli
 from common.errors import DermError
 from common.text import DISCLAIMER
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
-#: Predictions running at once. Measured on 2 cores (README, Benchmarks): 2 beats 1 (decoding,
-#: rendering and storing one request overlap the other's inference) and 4 only adds contention.
-DEFAULT_CONCURRENCY = 2
-#: Requests allowed to wait (all events together): 50 users pressing Analyse at once all get an
-#: answer, and a full queue drains in a few seconds at ~10 predictions per second.
-DEFAULT_MAX_QUEUE = 64
 #: Largest accepted upload: a 60-megapixel dermoscopy photo is well under 20 MB as JPEG or PNG.
 DEFAULT_MAX_FILE_SIZE = "20mb"
-BUSY_MESSAGE = "The demo is busy, try again in a moment."
 
 
 @dataclass
@@ -103,14 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concurrency",
         type=_positive_int,
-        default=DEFAULT_CONCURRENCY,
-        help=f"predictions running at the same time (default {DEFAULT_CONCURRENCY})",
+        default=PREDICT_CONCURRENCY,
+        help=f"predictions running at the same time (default {PREDICT_CONCURRENCY})",
     )
     p.add_argument(
         "--max-queue",
         type=_positive_int,
-        default=DEFAULT_MAX_QUEUE,
-        help=f"requests that may wait; more are refused as busy (default {DEFAULT_MAX_QUEUE})",
+        default=QUEUE_SIZE,
+        help=f"requests that may wait; more are refused as busy (default {QUEUE_SIZE})",
     )
     p.add_argument(
         "--max-file-size",
@@ -156,43 +150,6 @@ def _file_size(text: str) -> int:
     if size < 1:
         raise argparse.ArgumentTypeError(f"expected a size such as 20mb or 500kb, got {text!r}")
     return int(size)
-
-
-def configure_serving(
-    demo: Any,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    max_queue: int = DEFAULT_MAX_QUEUE,
-) -> None:
-    """Bound the work a shared link can queue: ``concurrency`` predictions at once, at most
-    ``max_queue`` requests waiting (all events together), and a clear "busy" refusal beyond.
-
-    Called after :func:`app.frontend.make_frontend` and before :func:`launch`: the queue is
-    re-created with the new size (keeping the frontend's default limit for other events) and the
-    ``/predict`` event gets ``concurrency`` as its limit."""
-    default_limit = getattr(getattr(demo, "_queue", None), "default_concurrency_limit", None)
-    demo.queue(default_concurrency_limit=default_limit, max_size=max_queue)
-    for fn in demo.fns.values():
-        if getattr(fn, "api_name", None) == "predict":
-            fn.concurrency_limit = concurrency
-    _busy_message(demo._queue)
-
-
-def _busy_message(queue: Any) -> None:
-    """Replace Gradio's "Queue is full. Max size is N and size is N." (the HTTP 503 detail)
-    with :data:`BUSY_MESSAGE`. The browser shows its own "This application is currently busy.
-    Please try again." for the same 503 and ``gradio_client`` raises ``QueueError``; the
-    refusal itself is Gradio's ``max_size``, this only words it for API users."""
-    push = getattr(queue, "push", None)
-    if push is None:
-        return
-
-    async def busy_aware_push(*args: Any, **kwargs: Any) -> Any:
-        ok, detail, state = await push(*args, **kwargs)
-        if state == "queue_full":
-            detail = BUSY_MESSAGE
-        return ok, detail, state
-
-    queue.push = busy_aware_push
 
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -313,8 +270,7 @@ def run(argv: list[str] | None = None) -> int:
         f"uploads up to {args.max_file_size / 1024**2:.0f} MB",
         flush=True,
     )
-    demo = make_frontend(service)
-    configure_serving(demo, concurrency=args.concurrency, max_queue=args.max_queue)
+    demo = make_frontend(service, concurrency=args.concurrency, max_queue=args.max_queue)
     launch(
         demo,
         host=args.host,

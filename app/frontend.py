@@ -69,11 +69,18 @@ CSV_PAGE = 500
 EXPORT_MAX_AGE_S = 3600
 #: Export folders are ``<tmp>/dermfusion-history-<pid>-<random>``; see :func:`clean_stale_exports`.
 EXPORT_PREFIX = "dermfusion-history-"
-#: Analyses run one at a time (the model is serialised anyway); history reads may overlap.
-PREDICT_CONCURRENCY = 1
+#: Predictions running at once (``python -m app --concurrency``). Measured on 2 cores (README,
+#: Benchmarks): 2 beats 1 (decoding, rendering and storing one request overlap the other's
+#: inference) and 4 only adds contention.
+PREDICT_CONCURRENCY = 2
+#: Re-explaining a result and batches run one at a time, so they never crowd out /predict.
+SERIAL_CONCURRENCY = 1
+#: Events without a limit of their own (history reads, reports) may overlap this much.
 DEFAULT_CONCURRENCY = 4
-#: Requests waiting in the queue before new ones are refused.
+#: Requests allowed to wait, all events together (``--max-queue``): 50 users pressing Analyse at
+#: once all get an answer; beyond it new requests are refused with :data:`BUSY_MESSAGE`.
 QUEUE_SIZE = 64
+BUSY_MESSAGE = "The demo is busy, try again in a moment."
 #: Gradio's cache clean-up (every N s, files older than M s): hourly / a day when images are
 #: stored; with --no-store-images every minute, and each request deletes its own uploads at once.
 CACHE_LIFETIME = (3600, 86400)
@@ -513,7 +520,9 @@ def _examples_gallery(inputs: Components) -> None:
     )
 
 
-def build_analyse_ui(service: PredictionService, exports: Path) -> Components:
+def build_analyse_ui(
+    service: PredictionService, exports: Path, concurrency: int = PREDICT_CONCURRENCY
+) -> Components:
     """The Analyse tab: inputs, example gallery, results; the ``/predict`` endpoint."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=320):
@@ -534,7 +543,7 @@ def build_analyse_ui(service: PredictionService, exports: Path) -> Components:
         api_name="predict",
         api_description="Classify a dermoscopy image (+ optional age, sex, body site, class to "
         "explain, heatmap opacity) and store the prediction in the history database.",
-        concurrency_limit=PREDICT_CONCURRENCY,
+        concurrency_limit=concurrency,
     )
     inputs["image"].upload(
         _bind_plain(check_upload, ui),
@@ -547,7 +556,7 @@ def build_analyse_ui(service: PredictionService, exports: Path) -> Components:
         inputs=[*predict_inputs, outputs["view"]],
         outputs=[outputs["heatmap"], outputs["chart"], outputs["view"], outputs["info"]],
         api_visibility="private",
-        concurrency_limit=PREDICT_CONCURRENCY,
+        concurrency_limit=SERIAL_CONCURRENCY,
     )
     outputs["opacity"].release(
         _bind_plain(redraw_heatmap, ui),
@@ -709,7 +718,7 @@ def build_batch_ui(service: PredictionService, exports: Path) -> Components:
         api_name="batch",
         api_description="Analyse several images (files or .zip) with an optional metadata CSV; "
         "every image is stored like a single prediction.",
-        concurrency_limit=PREDICT_CONCURRENCY,
+        concurrency_limit=SERIAL_CONCURRENCY,
     )
     return ui
 
@@ -1206,8 +1215,14 @@ def _bind_plain(handler: Callable[..., Values], ui: Components):
     return callback
 
 
-def make_frontend(service: PredictionService) -> gr.Blocks:
-    """Build the five-tab app around ``service`` (not launched; see :mod:`app.__main__`)."""
+def make_frontend(
+    service: PredictionService,
+    concurrency: int = PREDICT_CONCURRENCY,
+    max_queue: int = QUEUE_SIZE,
+) -> gr.Blocks:
+    """Build the five-tab app around ``service`` (not launched; see :mod:`app.__main__`), with
+    its queue: ``concurrency`` predictions at once, at most ``max_queue`` requests waiting and a
+    clear "busy" refusal beyond."""
     clean_stale_exports()
     # CSV exports and case reports; the folder lives as long as the app (and is removed by the
     # next app start if this process is killed).
@@ -1225,7 +1240,7 @@ def make_frontend(service: PredictionService) -> gr.Blocks:
         )
         with gr.Tabs():
             with gr.Tab("Analyse", id="analyse"):
-                build_analyse_ui(service, exports)
+                build_analyse_ui(service, exports, concurrency)
             with gr.Tab("Batch", id="batch"):
                 build_batch_ui(service, exports)
             with gr.Tab("History", id="history") as history_tab:
@@ -1246,6 +1261,25 @@ def make_frontend(service: PredictionService) -> gr.Blocks:
                 )
             with gr.Tab("About", id="about"):
                 build_about_ui(service)
-    demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY, max_size=QUEUE_SIZE)
+    demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY, max_size=max_queue)
+    _word_busy_refusal(demo._queue)
     atexit.register(shutil.rmtree, exports, ignore_errors=True)
     return demo
+
+
+def _word_busy_refusal(queue: Any) -> None:
+    """Replace Gradio's "Queue is full. Max size is N and size is N." (the HTTP 503 detail)
+    with :data:`BUSY_MESSAGE`. The browser shows its own "This application is currently busy.
+    Please try again." for the same 503 and ``gradio_client`` raises ``QueueError``; the
+    refusal itself is Gradio's ``max_size``, this only words it for API users."""
+    push = getattr(queue, "push", None)
+    if push is None:
+        return
+
+    async def busy_aware_push(*args: Any, **kwargs: Any) -> Any:
+        ok, detail, state = await push(*args, **kwargs)
+        if state == "queue_full":
+            detail = BUSY_MESSAGE
+        return ok, detail, state
+
+    queue.push = busy_aware_push

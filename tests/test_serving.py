@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from app.__main__ import BUSY_MESSAGE, _file_size, build_parser, configure_serving, launch
-from app.frontend import EXAMPLES_DIR, make_frontend
+from app.__main__ import _file_size, build_parser, launch
+from app.frontend import BUSY_MESSAGE, EXAMPLES_DIR, make_frontend
 from data_pipeline.images import WORKING_SIDE, read_image
 from data_pipeline.request import PredictionRequest
 from data_pipeline.schema import CLASSES
@@ -270,8 +270,7 @@ def busy_app(tiny_checkpoint, tmp_path_factory):
         return real(request, **kw)
 
     service.predict_and_store = gated  # type: ignore[method-assign]
-    demo = make_frontend(service)
-    configure_serving(demo, concurrency=1, max_queue=1)
+    demo = make_frontend(service, concurrency=1, max_queue=1)
     served = launch(demo, port=_free_port(), quiet=True, max_file_size=200 * 1024)
     yield served.local_url.rstrip("/"), service, started, release, demo
     release.set()
