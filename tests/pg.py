@@ -150,30 +150,30 @@ def server() -> Iterator[str]:
         yield url
 
 
-def create_database(admin_url: str, prefix: str = "dermfusion_test") -> str:
-    """A new empty database on the server of ``admin_url``; returns its URL."""
+def _admin_execute(admin_url: str, statement: str) -> None:
+    """One statement outside a transaction (CREATE / DROP DATABASE cannot run inside one)."""
     from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
 
-    name = f"{prefix}_{secrets.token_hex(6)}"
     engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            conn.execute(text(statement))
     finally:
         engine.dispose()
+
+
+def create_database(admin_url: str, prefix: str = "dermfusion_test") -> str:
+    """A new empty database on the server of ``admin_url``; returns its URL."""
+    from sqlalchemy.engine import make_url
+
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    _admin_execute(admin_url, f'CREATE DATABASE "{name}"')
     return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
 
 
 def drop_database(admin_url: str, url: str) -> None:
     """Drop a database made by :func:`create_database`, closing any connection still open."""
-    from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
     name = make_url(url).database
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        engine.dispose()
+    _admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
