@@ -3,7 +3,7 @@
     python -m app                                   # shipped model, sqlite:///predictions.db
     python -m app --checkpoint runs/fusion --db sqlite:///history.db --port 7861
     python -m app --share --auth alice:s3cret       # temporary public link, password protected
-    python -m app --concurrency 2 --max-queue 32 --max-file-size 20mb   # serving limits (defaults)
+    python -m app --concurrency 2 --max-queue 64 --max-file-size 20mb   # serving limits (defaults)
 
 The history database is --db, else $SKIN_DB_URL, else sqlite:///predictions.db in the current
 directory. --share asks Gradio for a temporary public *.gradio.live link; without internet no link
