@@ -179,6 +179,10 @@ def test_torchrun_two_processes_train_resume_and_match_single_process_eval(tmp_p
                 str(ev),
                 "--split",
                 split,
+                # the runtime training scored with: ONNX Runtime's last-digit differences can
+                # reorder tied scores of this tiny model and move its AUC
+                "--runtime",
+                "torch",
             ],
             env,
         )
