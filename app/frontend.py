@@ -40,7 +40,7 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
-from PIL import Image
+from gradio.utils import get_upload_folder
 
 from app import views
 from common.errors import DermError
@@ -54,7 +54,14 @@ from service import agreement as agreement_view
 from service import batch as batch_service
 from service import history
 from service.prediction import PredictionService, StorageError, StoredPrediction
-from service.render import contributions_chart, heatmap_from_png, side_by_side, thumbnail_from_jpeg
+from service.render import (
+    chart_png,
+    contributions_chart,
+    display_jpeg,
+    heatmap_from_png,
+    side_by_side,
+    thumbnail_from_jpeg,
+)
 from service.report import case_report_pdf, report_filename
 
 log = logging.getLogger(__name__)
@@ -204,24 +211,28 @@ def _forget_uploads(service: PredictionService, paths: Iterable[Any]) -> None:
             path.parent.rmdir()  # Gradio keeps each upload in its own folder
 
 
-def fresh_image(rgb: np.ndarray | None) -> Image.Image | None:
-    """An output image whose encoded bytes are unique to this response.
+def output_file(rgb: np.ndarray | None, kind: str = "panel") -> str | None:
+    """An output image encoded by us and written to its own file in Gradio's cache; Gradio
+    serves a file already in its cache as is (and its ``delete_cache`` removes it later).
 
-    Gradio caches an output image under the hash of its bytes and (re)writes that file in place,
-    so two users who get the *same* picture at the same moment (an example image clicked by
-    both) share one file, and the second write truncates it while the first is being downloaded
-    ("peer closed connection without sending complete message body"). A random id in the image's
-    metadata (a PNG text chunk; EXIF for other formats) makes each response's file its own;
-    Gradio's cache clean-up removes them."""
+    Why not return the array: Gradio would encode it as PNG at zlib level 6, ~80 ms for the
+    heatmap panel, more CPU than the prediction itself (:func:`service.render.display_jpeg`).
+    And each response gets its own folder: Gradio names the files it encodes by the hash of
+    their bytes and rewrites them in place, so two users getting the same picture at once
+    would share one file and the second write would truncate the first one's download.
+
+    ``kind``: ``panel`` (photo-like: JPEG) or ``chart`` (flat colours and text: PNG)."""
     if rgb is None:
         return None
-    image = Image.fromarray(rgb)
-    tag = f"DermFusion output {uuid.uuid4().hex}"
-    image.info["Description"] = tag  # written by Gradio as a PNG text chunk
-    exif = Image.Exif()
-    exif[0x010E] = tag  # ImageDescription, for WebP / JPEG outputs
-    image.info["exif"] = exif.tobytes()
-    return image
+    if kind == "chart":
+        data, name = chart_png(rgb), "chart.png"
+    else:
+        data, name = display_jpeg(rgb), "panel.jpg"
+    folder = Path(get_upload_folder()) / f"dermfusion-{uuid.uuid4().hex}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(data)
+    return str(path)
 
 
 # --- Analyse -------------------------------------------------------------------------------------
@@ -243,9 +254,9 @@ def _explanation_values(pred: Any, alpha: float) -> Values:
     """Heatmap (original | overlay | colour scale), metadata chart and the view state."""
     target = pred.attribution_target or pred.top_class
     return {
-        "heatmap": fresh_image(side_by_side(pred.image, pred.heatmap, alpha)),
-        "chart": fresh_image(
-            contributions_chart(pred.metadata_contributions, target, pred.metadata)
+        "heatmap": output_file(side_by_side(pred.image, pred.heatmap, alpha)),
+        "chart": output_file(
+            contributions_chart(pred.metadata_contributions, target, pred.metadata), "chart"
         ),
         "view": {"image": pred.image, "heatmap": pred.heatmap, "target": target},
     }
@@ -336,7 +347,7 @@ def redraw_heatmap(view: dict[str, Any] | None, opacity: Any) -> Values:
     if not view or view.get("image") is None:
         return {"heatmap": gr.skip()}
     alpha = _opacity(opacity)
-    return {"heatmap": fresh_image(side_by_side(view["image"], view.get("heatmap"), alpha))}
+    return {"heatmap": output_file(side_by_side(view["image"], view.get("heatmap"), alpha))}
 
 
 def check_upload(image: str | None) -> Values:
@@ -450,7 +461,7 @@ def _analyse_inputs() -> Components:
 def _shown_image(
     label: str, height: int | None, elem_id: str | None = None, visible: bool = True
 ) -> gr.Image:
-    """A read-only image output (an RGB array, served as PNG)."""
+    """A read-only image output (a file written by :func:`output_file`)."""
     return gr.Image(
         label=label,
         type="numpy",
@@ -821,11 +832,11 @@ def _detail_values(record: PredictionRecord) -> Values:
     target = record.attribution_target or record.predicted_class
     return {
         "pick_id": str(record.id),
-        "detail_image": fresh_image(side_by_side(image, heat, DEFAULT_OPACITY)),
+        "detail_image": output_file(side_by_side(image, heat, DEFAULT_OPACITY)),
         "detail": history.detail_markdown(record),
         "detail_probabilities": views.probabilities_html(record.probabilities or {}),
-        "detail_chart": fresh_image(
-            contributions_chart(record.metadata_contributions, target, metadata)
+        "detail_chart": output_file(
+            contributions_chart(record.metadata_contributions, target, metadata), "chart"
         ),
     }
 

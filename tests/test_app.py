@@ -554,19 +554,19 @@ def test_model_card_of_a_multi_source_checkpoint(app):
 def test_identical_output_images_get_their_own_cache_files():
     """Gradio rewrites a cached output file named by the hash of its bytes: two users getting the
     same picture at once must not share (and truncate) one file."""
-    import io
-
-    import numpy as np
-    from gradio import processing_utils
+    from gradio.utils import get_upload_folder
     from PIL import Image
 
-    from app.frontend import fresh_image
+    from app.frontend import output_file
 
     rgb = (np.arange(40 * 30 * 3) % 251).astype(np.uint8).reshape(40, 30, 3)
-    for fmt in ("png", "webp"):
-        a = processing_utils.encode_pil_to_bytes(fresh_image(rgb), fmt)
-        b = processing_utils.encode_pil_to_bytes(fresh_image(rgb), fmt)
-        assert processing_utils.hash_bytes(a) != processing_utils.hash_bytes(b)
-    png = processing_utils.encode_pil_to_bytes(fresh_image(rgb), "png")
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), rgb)
-    assert fresh_image(None) is None
+    for kind in ("panel", "chart"):
+        a, b = output_file(rgb, kind), output_file(rgb, kind)
+        assert a != b  # same picture, two responses: two files
+        for path in (a, b):
+            assert Path(path).parent.parent == Path(get_upload_folder())  # served as is
+    chart = np.asarray(Image.open(output_file(rgb, "chart")).convert("RGB"))
+    assert np.array_equal(chart, rgb)  # charts stay lossless
+    panel = Image.open(output_file(rgb, "panel"))
+    assert panel.format == "JPEG" and panel.size == (30, 40)
+    assert output_file(None) is None
