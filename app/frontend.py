@@ -88,6 +88,10 @@ DEFAULT_CONCURRENCY = 4
 #: once all get an answer; beyond it new requests are refused with :data:`BUSY_MESSAGE`.
 QUEUE_SIZE = 64
 BUSY_MESSAGE = "The demo is busy, try again in a moment."
+#: Seconds between the queue-position updates sent to waiting users. Gradio's default ("auto")
+#: sends every waiting user an update each time any job finishes: with 50 users waiting that is
+#: 50 messages per prediction, CPU the 2-core server needs for the predictions themselves.
+STATUS_UPDATE_S = 1.0
 #: Gradio's cache clean-up (every N s, files older than M s): hourly / a day when images are
 #: stored; with --no-store-images every minute, and each request deletes its own uploads at once.
 CACHE_LIFETIME = (3600, 86400)
@@ -1272,7 +1276,11 @@ def make_frontend(
                 )
             with gr.Tab("About", id="about"):
                 build_about_ui(service)
-    demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY, max_size=max_queue)
+    demo.queue(
+        default_concurrency_limit=DEFAULT_CONCURRENCY,
+        max_size=max_queue,
+        status_update_rate=STATUS_UPDATE_S,
+    )
     _word_busy_refusal(demo._queue)
     atexit.register(shutil.rmtree, exports, ignore_errors=True)
     return demo

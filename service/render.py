@@ -30,21 +30,25 @@ def fit_size(height: int, width: int, max_side: int = THUMBNAIL_SIDE) -> tuple[i
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Blend a [0, 1] heatmap (jet colour map) over an RGB uint8 image.
+    """Blend a [0, 1] heatmap (jet colour map) over an RGB uint8 image: each pixel moves towards
+    the heatmap colour by ``alpha · sqrt(heat)`` (cold regions stay close to the photo).
 
     The service stores and returns heatmaps at their image's size, so nothing is resized here;
-    only a mismatched pair (e.g. a row written by other code) is resized, from the stored map."""
+    only a mismatched pair (e.g. a row written by other code) is resized, from the stored map.
+    The blend is OpenCV's per-pixel ``blendLinear`` (it runs for every served prediction)."""
     import cv2
 
     if heatmap.shape != image.shape[:2]:
         from model.attribution import resize_heatmap  # torch/captum: only when needed
 
         heatmap = resize_heatmap(heatmap, image.shape[:2])
-    colour = cv2.applyColorMap((np.clip(heatmap, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB).astype(np.float32)
-    weight = alpha * np.clip(heatmap, 0, 1)[..., None] ** 0.5
-    out = image.astype(np.float32) * (1 - weight) + colour * weight
-    return np.clip(out, 0, 255).astype(np.uint8)
+    heat = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
+    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB)
+    weight = np.float32(alpha) * cv2.sqrt(heat)
+    return cv2.blendLinear(
+        np.ascontiguousarray(image, dtype=np.uint8), colour, 1.0 - weight, weight
+    )
 
 
 def enlarge(image: np.ndarray | None, min_width: int = DISPLAY_WIDTH) -> np.ndarray | None:
@@ -194,7 +198,6 @@ def side_by_side(
     if image is None:
         return None
     import cv2
-    from PIL import ImageDraw
 
     h = max(1, round(image.shape[0] * PANEL_WIDTH / image.shape[1]))
     w = PANEL_WIDTH
@@ -210,19 +213,16 @@ def side_by_side(
     canvas = Image.new("RGB", (width, h + top + 4), "white")
     canvas.paste(Image.fromarray(small), (0, top))
     canvas.paste(Image.fromarray(shown), (w + gap, top))
-    draw = ImageDraw.Draw(canvas)
-    font = _font(13)
-    draw.text((w / 2, top - 12), "original", "black", font, "mm")
+    _text(canvas, (w / 2, top - 12), "original", 13, "mm")
     title = "Grad-CAM overlay" if heatmap is not None else "no heatmap"
-    draw.text((w + gap + w / 2, top - 12), title, "black", font, "mm")
+    _text(canvas, (w + gap + w / 2, top - 12), title, 13, "mm")
     if heatmap is not None:
         ramp = (np.linspace(1.0, 0.0, h) * 255).astype(np.uint8)[:, None]
         colour = cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
         x = 2 * w + 2 * gap
         canvas.paste(Image.fromarray(np.repeat(colour, bar_w, axis=1)), (x, top))
-        small_font = _font(11)
-        draw.text((x + bar_w + 4, top), "high", "black", small_font, "la")
-        draw.text((x + bar_w + 4, top + h), "low", "black", small_font, "ld")
+        _text(canvas, (x + bar_w + 4, top), "high", 11, "la")
+        _text(canvas, (x + bar_w + 4, top + h), "low", 11, "ld")
     return np.asarray(canvas)
 
 
@@ -230,6 +230,26 @@ def small_thumbnail_jpeg(data: bytes | None, side: int = 64) -> bytes | None:
     """A stored thumbnail re-encoded small (for table cells)."""
     image = thumbnail_from_jpeg(data)
     return None if image is None else thumbnail_jpeg(image, max_side=side)
+
+
+def _text(canvas: Image.Image, xy: tuple[float, float], text: str, size: int, anchor: str) -> None:
+    """Draw black ``text`` like ``ImageDraw.text(xy, text, "black", _font(size), anchor)``, from a
+    cached glyph mask: rasterising text with FreeType was the largest cost of drawing the
+    heatmap panel and the chart, and their labels repeat from one prediction to the next."""
+    mask, left, top = _text_mask(text, size, anchor)
+    canvas.paste((0, 0, 0), (round(xy[0]) + left, round(xy[1]) + top), mask)
+
+
+@functools.lru_cache(maxsize=512)
+def _text_mask(text: str, size: int, anchor: str) -> tuple[Image.Image, int, int]:
+    """``text`` rendered as an 8-bit coverage mask, and its offset from the anchor point."""
+    from PIL import ImageDraw
+
+    font = _font(size)
+    left, top, right, bottom = (int(v) for v in font.getbbox(text, anchor=anchor))
+    mask = Image.new("L", (max(1, right - left), max(1, bottom - top)), 0)
+    ImageDraw.Draw(mask).text((-left, -top), text, 255, font, anchor)
+    return mask, left, top
 
 
 @functools.lru_cache(maxsize=4)
@@ -259,9 +279,8 @@ def contributions_chart(
     width, height = CHART_SIZE
     img = Image.new("RGB", CHART_SIZE, "white")
     draw = ImageDraw.Draw(img)
-    font, small = _font(13), _font(11)
     if not contributions:
-        draw.text((width / 2, height / 2), "this model does not use metadata", "black", font, "mm")
+        _text(img, (width / 2, height / 2), "this model does not use metadata", 13, "mm")
         return np.asarray(img)
     labels = field_labels(metadata)
     left, right, top, bottom = 100, width - 20, 44, height - 48
@@ -281,19 +300,19 @@ def contributions_chart(
         draw.rectangle(
             (min(zero, x), y0, max(zero, x), y1), fill=RAISES_COLOUR if v >= 0 else LOWERS_COLOUR
         )
-        draw.text((left - 6, (y0 + y1) / 2), labels.get(name, name), "black", font, "rm")
+        _text(img, (left - 6, (y0 + y1) / 2), labels.get(name, name), 13, "rm")
         anchor, dx = ("lm", 4) if v >= 0 else ("rm", -4)
-        draw.text((x + dx, (y0 + y1) / 2), f"{v:+.1f}", "black", small, anchor)
+        _text(img, (x + dx, (y0 + y1) / 2), f"{v:+.1f}", 11, anchor)
     draw.line((zero, top, zero, bottom), fill="black", width=1)
     for v in (-lim, -lim / 2, 0.0, lim / 2, lim):
         x = x_of(v)
         draw.line((x, bottom, x, bottom + 4), fill="black")
-        draw.text((x, bottom + 6), f"{v:g}" if v == int(v) else f"{v:.1f}", "black", small, "ma")
-    draw.text(
+        _text(img, (x, bottom + 6), f"{v:g}" if v == int(v) else f"{v:.1f}", 11, "ma")
+    _text(
+        img,
         ((left + right) / 2, height - 6),
         f"change in P({target}) vs. field unknown (percentage points)",
-        "black",
-        font,
+        13,
         "md",
     )
     return np.asarray(img)

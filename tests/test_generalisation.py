@@ -143,6 +143,21 @@ def test_shades_of_gray_removes_a_colour_cast():
     assert shades_of_gray(np.zeros((8, 8, 3), np.uint8)).sum() == 0  # black stays black
 
 
+def test_shades_of_gray_lookup_table_equals_the_per_pixel_formula():
+    """The histogram + lookup-table implementation gives the per-pixel float64 formula's bytes."""
+    rng = np.random.default_rng(1)
+    for shape in [(37, 53, 3), (150, 200, 3), (192, 192, 3)]:
+        img = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        img[..., 0] //= 2  # a colour cast
+        x = img.astype(np.float64)
+        illuminant = np.power(np.mean(np.power(x, 6.0), axis=(0, 1)), 1 / 6)
+        gains = np.linalg.norm(illuminant) / (illuminant * np.sqrt(3.0))
+        expected = np.clip(x * gains + 0.5, 0, 255).astype(np.uint8)
+        assert np.array_equal(shades_of_gray(img, 6.0), expected)
+        view = img[:, ::-1]  # a non-contiguous view (a flip) works as well
+        assert np.array_equal(shades_of_gray(view, 6.0), expected[:, ::-1])
+
+
 def test_geometry_policies_keep_or_cut_as_documented():
     square = np.zeros((256, 256, 3), np.uint8)
     wide = np.zeros((150, 200, 3), np.uint8)
