@@ -215,13 +215,17 @@ def _forget_uploads(service: PredictionService, paths: Iterable[Any]) -> None:
             path.parent.rmdir()  # Gradio keeps each upload in its own folder
 
 
+#: Name prefix of the output images :func:`output_file` writes into Gradio's cache.
+OUTPUT_PREFIX = "dermfusion-"
+
+
 def output_file(rgb: np.ndarray | None, kind: str = "panel") -> str | None:
     """An output image encoded by us and written to its own file in Gradio's cache; Gradio
     serves a file already in its cache as is (and its ``delete_cache`` removes it later).
 
     Why not return the array: Gradio would encode it as PNG at zlib level 6, ~80 ms for the
     heatmap panel, more CPU than the prediction itself (:func:`service.render.display_jpeg`).
-    And each response gets its own folder: Gradio names the files it encodes by the hash of
+    And each response gets its own file name: Gradio names the files it encodes by the hash of
     their bytes and rewrites them in place, so two users getting the same picture at once
     would share one file and the second write would truncate the first one's download.
 
@@ -229,12 +233,12 @@ def output_file(rgb: np.ndarray | None, kind: str = "panel") -> str | None:
     if rgb is None:
         return None
     if kind == "chart":
-        data, name = chart_png(rgb), "chart.png"
+        data, suffix = chart_png(rgb), "png"
     else:
-        data, name = display_jpeg(rgb), "panel.jpg"
-    folder = Path(get_upload_folder()) / f"dermfusion-{uuid.uuid4().hex}"
+        data, suffix = display_jpeg(rgb), "jpg"
+    folder = Path(get_upload_folder())
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
+    path = folder / f"{OUTPUT_PREFIX}{kind}-{uuid.uuid4().hex}.{suffix}"
     path.write_bytes(data)
     return str(path)
 

@@ -194,7 +194,7 @@ class Predictor:
         maps = None
         with torch.no_grad():
             if self.engine is not None:
-                out = self.engine.run(x, m)
+                out = self.engine.run(x, m, None if explain else ("logits", "features"))
                 features, logits, maps = out["features"], out["logits"], out.get("feature_maps")
                 if tta:  # the identity view is already run; the flipped views in one batch
                     views = torch.cat([view(x) for view in TTA_VIEWS[1:]])

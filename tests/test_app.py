@@ -564,9 +564,28 @@ def test_identical_output_images_get_their_own_cache_files():
         a, b = output_file(rgb, kind), output_file(rgb, kind)
         assert a != b  # same picture, two responses: two files
         for path in (a, b):
-            assert Path(path).parent.parent == Path(get_upload_folder())  # served as is
+            assert Path(path).parent == Path(get_upload_folder())  # served as is
     chart = np.asarray(Image.open(output_file(rgb, "chart")).convert("RGB"))
     assert np.array_equal(chart, rgb)  # charts stay lossless
     panel = Image.open(output_file(rgb, "panel"))
     assert panel.format == "JPEG" and panel.size == (30, 40)
     assert output_file(None) is None
+
+
+def test_served_output_images_are_removed_by_the_cache_clean_up(app):
+    """The panel and chart files :func:`output_file` writes are registered with the app, so
+    Gradio's ``delete_cache`` (every hour; every minute with --no-store-images) deletes them."""
+    from gradio.route_utils import delete_files_created_by_app
+    from gradio.utils import get_upload_folder
+
+    from app.frontend import OUTPUT_PREFIX
+
+    def ours() -> set[Path]:
+        return set(Path(get_upload_folder()).glob(f"{OUTPUT_PREFIX}*"))
+
+    before = ours()
+    predict(app.client, EXAMPLE, 50, "female", "back")
+    new = ours() - before
+    assert {p.suffix for p in new} == {".jpg", ".png"}  # the heatmap panel and the chart
+    delete_files_created_by_app(app.demo, None)
+    assert not any(p.exists() for p in new)
