@@ -29,6 +29,7 @@ from app.frontend import PREDICT_CONCURRENCY, QUEUE_SIZE
 from common.cli import run_cli
 from common.errors import DermError
 from common.text import DISCLAIMER
+from model.onnx_runtime import RUNTIME_HELP, RUNTIMES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -114,10 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--runtime",
-        choices=("auto", "onnx", "torch"),
+        choices=RUNTIMES,
         default=None,
-        help="auto: ONNX Runtime when the checkpoint has a valid export, else PyTorch (default; "
-        "or $DERMFUSION_RUNTIME); onnx / torch force one",
+        help=RUNTIME_HELP,
     )
     return p
 
@@ -257,7 +257,7 @@ def run(argv: list[str] | None = None) -> int:
         store_images=not args.no_store_images,
         runtime=args.runtime,
     )
-    if service.predictor.runtime == "onnx":
+    if service.predictor.runtime != "torch":
         import torch
 
         # ONNX Runtime runs the network on its own threads; PyTorch is left only the tiny fusion

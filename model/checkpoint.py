@@ -27,6 +27,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 #: The ONNX export (see model.onnx_runtime), written beside the weights.
 ONNX_FILE = "model.onnx"
+#: The optional int8 copy of the export (see model.quantize).
+INT8_FILE = "model.int8.onnx"
 FORMAT_VERSION = 1
 #: The model shipped with the package and used when no --checkpoint is given.
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
@@ -126,6 +128,7 @@ def save_checkpoint(
     # new weights: an earlier export no longer describes them (model.onnx_runtime re-exports)
     cfg.onnx = {}
     (out_dir / ONNX_FILE).unlink(missing_ok=True)
+    (out_dir / INT8_FILE).unlink(missing_ok=True)
     write_config(cfg, out_dir)
     return out_dir
 

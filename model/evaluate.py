@@ -150,7 +150,7 @@ def evaluate(
             "data_dir": str(data_dir),
             "external": [str(e) for e in external],
             "tta": tta,
-            "runtime": "onnx" if engine is not None else "torch",
+            "runtime": engine.name if engine is not None else "torch",
             "temperature": cfg.temperature,
             "preprocessing": pre.to_dict(),
             **info,

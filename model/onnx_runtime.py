@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from model.checkpoint import (
+    INT8_FILE,
     ONNX_FILE,
     CheckpointConfig,
     CheckpointError,
@@ -58,9 +59,16 @@ OPSET = 17
 INPUTS = ("image", "meta")
 #: Graph outputs, in order (``feature_maps`` only where :func:`supports_linear_cam`).
 OUTPUTS = ("logits", "features", "feature_maps")
-RUNTIMES = ("auto", "onnx", "torch")
-#: Environment variable choosing the runtime when no flag does (auto / onnx / torch).
+#: auto: the float32 export when valid, else PyTorch; onnx: the float32 export; int8: the
+#: optional quantised export (:mod:`model.quantize`; faster, not accuracy-neutral); torch.
+RUNTIMES = ("auto", "onnx", "int8", "torch")
+#: Environment variable choosing the runtime when no flag does (auto / onnx / int8 / torch).
 RUNTIME_ENV = "DERMFUSION_RUNTIME"
+RUNTIME_HELP = (
+    "auto: ONNX Runtime (float32) when the checkpoint has a valid export, else PyTorch (default; "
+    "or $DERMFUSION_RUNTIME); onnx / int8 / torch force one (int8: the quantised export, "
+    "faster on a CPU but not accuracy-neutral, see the README)"
+)
 
 
 def members(model: Network) -> list[FusionNet]:
@@ -186,6 +194,7 @@ def export_onnx(
     tmp_out = out.with_suffix(".onnx.tmp")
     tmp_out.write_bytes(data)
     tmp_out.replace(out)
+    (folder / INT8_FILE).unlink(missing_ok=True)  # made from the previous export
     cfg.onnx = {
         "file": ONNX_FILE,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -228,8 +237,9 @@ def _shrink(path: Path) -> bytes:
     return proto.SerializeToString()
 
 
-def onnx_status(folder: Path | str, cfg: CheckpointConfig) -> str | None:
-    """None when ``folder``'s export can serve ``cfg``'s weights, else why not (one sentence)."""
+def onnx_status(folder: Path | str, cfg: CheckpointConfig, int8: bool = False) -> str | None:
+    """None when ``folder``'s export (``int8``: its quantised copy) can serve ``cfg``'s weights,
+    else why not (one sentence)."""
     folder = Path(folder)
     try:
         import onnxruntime  # noqa: F401
@@ -238,17 +248,17 @@ def onnx_status(folder: Path | str, cfg: CheckpointConfig) -> str | None:
     path = folder / ONNX_FILE
     if not cfg.onnx or not path.is_file():
         return f"{folder} has no ONNX export (run: python -m scripts.export {folder})"
-    if cfg.onnx.get("weights_sha256") != cfg.weights_sha256:
-        return (
-            f"{path} was exported from other weights than {folder}'s "
-            f"(re-export: python -m scripts.export {folder})"
-        )
+    entry, fix = cfg.onnx, f"re-export: python -m scripts.export {folder}"
+    if int8:
+        entry, path = cfg.onnx.get("int8") or {}, folder / INT8_FILE
+        fix = f"python -m scripts.export {folder} --int8 --data-dir DIR"
+        if not entry or not path.is_file():
+            return f"{folder} has no int8 export ({fix})"
+    if entry.get("weights_sha256") != cfg.weights_sha256:
+        return f"{path} was made from other weights than {folder}'s ({fix})"
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != cfg.onnx.get("sha256"):
-        return (
-            f"{path} does not match the SHA-256 recorded in config.json "
-            f"(re-export: python -m scripts.export {folder})"
-        )
+    if digest != entry.get("sha256"):
+        return f"{path} does not match the SHA-256 recorded in config.json ({fix})"
     return None
 
 
@@ -267,9 +277,11 @@ class OnnxEngine:
     """An ONNX Runtime session over a checkpoint's verified export. ``run`` is thread-safe
     (ONNX Runtime allows concurrent ``run`` calls on one session)."""
 
-    def __init__(self, path: Path, threads: int = 0) -> None:
+    def __init__(self, path: Path, threads: int = 0, name: str = "onnx") -> None:
         import onnxruntime as ort
 
+        #: The runtime's name as reported to users: ``onnx`` (float32) or ``int8``.
+        self.name = name
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # its own pool, independent of PyTorch's setting (the app leaves PyTorch 1 thread)
@@ -289,18 +301,21 @@ class OnnxEngine:
     def for_checkpoint(
         cls, folder: Path | str, cfg: CheckpointConfig, runtime: str | None = None, threads: int = 0
     ) -> OnnxEngine | None:
-        """The engine for ``folder`` when the runtime (``auto`` / ``onnx`` / ``torch``, see
-        :func:`resolve_runtime`) and the export allow it; None means: serve with PyTorch."""
+        """The engine for ``folder`` when the runtime (``auto`` / ``onnx`` / ``int8`` /
+        ``torch``, see :func:`resolve_runtime`) and the export allow it; None means: serve with
+        PyTorch. Only ``auto`` falls back; a runtime asked for by name is refused if unusable."""
         runtime = resolve_runtime(runtime)
         if runtime == "torch":
             return None
-        problem = onnx_status(folder, cfg)
+        int8 = runtime == "int8"
+        problem = onnx_status(folder, cfg, int8=int8)
         if problem is not None:
-            if runtime == "onnx":
-                raise CheckpointError(f"Cannot serve with ONNX Runtime: {problem}.")
+            if runtime != "auto":
+                raise CheckpointError(f"Cannot serve with runtime {runtime}: {problem}.")
             print(f"note: serving with PyTorch: {problem}.", file=sys.stderr, flush=True)
             return None
-        return cls(Path(folder) / ONNX_FILE, threads=threads)
+        path = Path(folder) / (INT8_FILE if int8 else ONNX_FILE)
+        return cls(path, threads=threads, name="int8" if int8 else "onnx")
 
     def run(
         self, image: torch.Tensor, meta: torch.Tensor, outputs: Sequence[str] | None = None

@@ -150,7 +150,7 @@ class Predictor:
     @property
     def runtime(self) -> str:
         """``onnx`` or ``torch``: what runs the network."""
-        return "onnx" if self.engine is not None else "torch"
+        return self.engine.name if self.engine is not None else "torch"
 
     @property
     def version(self) -> str:

@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runtimes",
         nargs="+",
-        choices=("onnx", "torch"),
+        choices=("onnx", "int8", "torch"),
         default=["onnx", "torch"],
-        help="runtimes to measure; the first also measures the app path (default: onnx torch)",
+        help="runtimes to measure; the first also measures the app path (default: onnx torch; "
+        "int8 needs the checkpoint's int8 export)",
     )
     p.add_argument(
         "--memory-n", type=int, default=500, help="predictions for the memory check (0: skip)"
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     for runtime in args.runtimes:
         # as the app does: with ONNX Runtime serving, PyTorch runs only the tiny head, on 1 thread
-        torch.set_num_threads(1 if runtime == "onnx" else threads)
+        torch.set_num_threads(1 if runtime != "torch" else threads)
         t0 = time.perf_counter()
         predictor = Predictor.from_checkpoint(args.checkpoint, runtime=runtime, threads=threads)
         load_s = time.perf_counter() - t0
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
     serving = predictors[args.runtimes[0]]
-    torch.set_num_threads(1 if serving.runtime == "onnx" else threads)
+    torch.set_num_threads(1 if serving.runtime != "torch" else threads)
     pre = serving.config.preprocessing
     result.update(
         {

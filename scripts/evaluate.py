@@ -19,7 +19,7 @@ from common.cli import run_cli
 from data_pipeline.transforms import GEOMETRIES
 from model.evaluate import evaluate
 from model.metrics import headline
-from model.onnx_runtime import RUNTIMES
+from model.onnx_runtime import RUNTIME_HELP, RUNTIMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime",
         choices=RUNTIMES,
         default=None,
-        help="auto: ONNX Runtime when the checkpoint has a valid export, else PyTorch (default; "
-        "or $DERMFUSION_RUNTIME); onnx / torch force one",
+        help=RUNTIME_HELP,
     )
     return p
 

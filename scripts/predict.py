@@ -22,6 +22,7 @@ from common.cli import run_cli
 from common.errors import DermError
 from common.text import DISCLAIMER
 from data_pipeline.schema import CLASS_NAMES, Metadata, normalize_target
+from model.onnx_runtime import RUNTIME_HELP, RUNTIMES
 
 if TYPE_CHECKING:  # the model stack is imported only after the fields are validated
     from model.predictor import Prediction
@@ -55,9 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runtime",
         default=None,
-        metavar="auto|onnx|torch",
-        help="auto: ONNX Runtime when the checkpoint has a valid export, else PyTorch (default; "
-        "or $DERMFUSION_RUNTIME); onnx / torch force one",
+        metavar="|".join(RUNTIMES),
+        help=RUNTIME_HELP,
     )
     p.add_argument(
         "--target",

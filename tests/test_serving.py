@@ -144,13 +144,61 @@ def test_export_of_a_single_network_and_integrity_checks(tiny_checkpoint, tmp_pa
     (folder / ONNX_FILE).write_bytes(bytes(data))
     assert Predictor.from_checkpoint(folder, runtime="auto").runtime == "torch"
     assert "does not match the SHA-256" in capsys.readouterr().err
-    with pytest.raises(CheckpointError, match="Cannot serve with ONNX Runtime"):
+    with pytest.raises(CheckpointError, match="Cannot serve with runtime onnx"):
         Predictor.from_checkpoint(folder, runtime="onnx")
 
     # new weights written over the folder drop the old export (it described other weights)
     save_checkpoint(model, cfg, folder)
     assert not (folder / ONNX_FILE).exists() and load_config(folder).onnx == {}
     assert Predictor.from_checkpoint(folder, runtime="torch").runtime == "torch"
+
+
+@pytest.mark.slow
+def test_int8_export_calibrates_on_train_rows_is_verified_and_served_only_by_name(
+    tiny_checkpoint, synthetic_ham, tmp_path, capsys
+):
+    """The optional int8 export: calibrated on training rows only, never chosen by ``auto``,
+    refused when missing, tampered or made from other weights; probabilities within 0.05 of
+    float32 on this (untrained) network."""
+    from data_pipeline.ham10000 import load_metadata
+    from data_pipeline.splits import make_splits, save_splits
+    from model.checkpoint import INT8_FILE, write_config
+    from model.quantize import calibration_rows, quantize_int8
+
+    folder = _copy_checkpoint(tiny_checkpoint, tmp_path / "tiny")
+    model, cfg = load_checkpoint(folder)
+    splits = make_splits(load_metadata(synthetic_ham), seed=0)
+    split_file = tmp_path / "splits.csv"
+    cfg.training.update(split_file=str(split_file), split_sha256=save_splits(splits, split_file))
+    write_config(cfg, folder)
+    export_onnx(folder, model, cfg)
+    with pytest.raises(CheckpointError, match="has no int8 export"):
+        Predictor.from_checkpoint(folder, runtime="int8")
+
+    quantize_int8(folder, synthetic_ham, per_class=3)
+    cfg = load_config(folder)
+    rows, record = calibration_rows(cfg, synthetic_ham, per_class=3)
+    train_ids = set(splits.loc[splits["split"] == "train", "image_id"])
+    assert set(rows["image_id"]) <= train_ids  # never a val or test image
+    assert cfg.onnx["int8"]["calibration"] == record and record["images"] == len(rows)
+    assert Predictor.from_checkpoint(folder, runtime="auto").runtime == "onnx"
+    fast = Predictor.from_checkpoint(folder, runtime="int8")
+    reference = Predictor.from_checkpoint(folder, runtime="onnx")
+    assert fast.runtime == "int8"
+    for path in EXAMPLES[:3]:
+        request = PredictionRequest.build(path, age=50, sex="female", site="back")
+        a, b = fast.predict(request), reference.predict(request)
+        assert a.heatmap is not None and a.heatmap.shape == b.heatmap.shape
+        diff = max(abs(a.probabilities[c] - b.probabilities[c]) for c in CLASSES)
+        assert diff <= 0.05
+
+    data = bytearray((folder / INT8_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (folder / INT8_FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the SHA-256"):
+        Predictor.from_checkpoint(folder, runtime="int8")
+    export_onnx(folder, model, cfg)  # a new float32 export drops the int8 one made from the old
+    assert not (folder / INT8_FILE).exists() and "int8" not in load_config(folder).onnx
 
 
 def test_unknown_runtime_is_a_clear_error(monkeypatch):
