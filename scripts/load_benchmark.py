@@ -54,6 +54,20 @@ def proc_memory_mb(pid: int) -> dict[str, float]:
     return out
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process (the client threads), user + system."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 class AppProcess:
     """``python -m app`` on a free port with a temporary SQLite history, for the benchmark."""
 
@@ -228,7 +242,12 @@ def load_benchmark(
         started = time.perf_counter() - t0
         try:
             warm = run_clients(app.url, 1, 2)  # first requests pay one-off costs
+            server0, client0 = proc_cpu_s(app.proc.pid), own_cpu_s()
             result = run_clients(app.url, clients, requests or clients)
+            done = max(1, result["ok"])
+            # where the 2 cores went: the app's CPU and the load generator's, per answered request
+            result["server_cpu_ms_per_request"] = 1000 * (proc_cpu_s(app.proc.pid) - server0) / done
+            result["client_cpu_ms_per_request"] = 1000 * (own_cpu_s() - client0) / done
             rows = app.rows() - warm["ok"]
             result.update({"rows_stored": rows, "app_start_s": started, **app.memory()})
             if upload_mb:
@@ -248,6 +267,10 @@ def report(r: dict[str, Any]) -> None:
     print(
         f"latency p50 {r['p50_s']:.2f} s  p95 {r['p95_s']:.2f} s  max {r['max_s']:.2f} s   "
         f"throughput {r['throughput_per_s']:.1f}/s   server peak RSS {r['peak_rss_mb']:.0f} MB"
+    )
+    print(
+        f"CPU per answered request: app {r['server_cpu_ms_per_request']:.0f} ms, "
+        f"load generator {r['client_cpu_ms_per_request']:.0f} ms"
     )
     for e in r["errors"]:
         print(f"  error: {e}")
