@@ -144,7 +144,12 @@ def metadata_contributions(
             feature_mask=_field_mask().to(meta.device),
             perturbations_per_eval=len(FIELDS),
         )
-    return {field: float(attr[0, FIELD_SLICES[field].start]) for field in FIELDS}
+    # A field that is already unknown changes nothing when ablated: exactly 0 (the batched
+    # ablation pass and the single original pass may differ in the last float digits).
+    same = {
+        f: bool(torch.equal(meta[0, FIELD_SLICES[f]], baseline[0, FIELD_SLICES[f]])) for f in FIELDS
+    }
+    return {f: 0.0 if same[f] else float(attr[0, FIELD_SLICES[f].start]) for f in FIELDS}
 
 
 def resize_heatmap(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
