@@ -110,7 +110,7 @@ def quantize_int8(
     rows, calibration = calibration_rows(cfg, data_dir, extra, per_class)
     feeds = _batches(rows, cfg)
 
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
+    class Reader(CalibrationDataReader):
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(feeds, None)
 
