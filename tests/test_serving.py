@@ -373,3 +373,19 @@ def test_oversized_upload_is_refused_with_its_message(busy_app, tmp_path):
     small = EXAMPLES[0]
     with small.open("rb") as fh:
         assert httpx.post(f"{url}/gradio_api/upload", files={"files": fh}).status_code == 200
+
+
+@pytest.mark.slow
+def test_load_benchmark_drives_the_real_app_and_accounts_for_every_request(tiny_checkpoint):
+    """The load benchmark (not a timing test): the app in a subprocess, 6 requests from 3
+    gradio_client users, every answered request stored, a too-large upload refused with 413,
+    and the CPU of both sides reported."""
+    from scripts.load_benchmark import load_benchmark
+
+    result = load_benchmark(
+        3, 6, ["--checkpoint", str(tiny_checkpoint), "--max-file-size", "1mb"], upload_mb=2
+    )
+    assert (result["ok"], result["failed"], result["rows_stored"]) == (6, 0, 6)
+    assert result["upload"]["status"] == 413
+    assert result["server_cpu_ms_per_request"] > 0 and result["client_cpu_ms_per_request"] > 0
+    assert result["p50_s"] <= result["p95_s"] <= result["max_s"]
