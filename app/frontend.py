@@ -1208,7 +1208,7 @@ def build_about_ui(service: PredictionService) -> Components:
             object_fit="contain",
             elem_id="evaluation-plots",
         )
-    card = views.model_card_markdown(predictor.config, folder)
+    card = views.model_card_markdown(predictor.config, folder, predictor.runtime)
     ui["model_card"] = gr.Markdown(card, elem_id="model-card")
     return ui
 

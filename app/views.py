@@ -707,14 +707,26 @@ def _limitation_lines(config: CheckpointConfig) -> list[str]:
     return lines
 
 
+#: How the About tab names each runtime (see model.onnx_runtime.RUNTIMES).
+RUNTIME_NAMES = {
+    "onnx": "ONNX Runtime, float32 (the same probabilities as PyTorch to 1e-4)",
+    "torch": "PyTorch, float32 (the reference)",
+    "int8": "ONNX Runtime, **int8** (`--runtime int8`): faster on a CPU, but 3–4 % of images get "
+    "another top class than from the float32 model that every metric below describes (README, "
+    "Benchmarks); its predictions are stored as model version `…+int8`",
+}
+
+
 def model_card_markdown(
-    config: CheckpointConfig, checkpoint_folder: Path | str | None = None
+    config: CheckpointConfig, checkpoint_folder: Path | str | None = None, runtime: str = "onnx"
 ) -> str:
-    """The About tab: a model card built from the checkpoint's own config."""
+    """The About tab: a model card built from the checkpoint's own config, and the runtime
+    serving it."""
     lines = [
         f"## Model card — `{config.version}`",
         f"> **{DISCLAIMER}** This tool has not been clinically validated and must never be "
         "used to decide whether a lesion is examined, treated or removed.",
+        f"**Served with:** {RUNTIME_NAMES.get(runtime, runtime)}.",
         *_architecture_lines(config),
         *_training_lines(config),
         *_performance_lines(config, checkpoint_folder),

@@ -154,7 +154,10 @@ class Predictor:
 
     @property
     def version(self) -> str:
-        return self.config.version
+        """The checkpoint's version, plus ``+int8`` when the quantised export serves: its
+        predictions are a slightly different function of the image, so the history, the
+        agreement view and reports keep them apart from the float32 model's."""
+        return self.config.version + ("+int8" if self.runtime == "int8" else "")
 
     @property
     def uses_metadata(self) -> bool:

@@ -185,6 +185,11 @@ def test_int8_export_calibrates_on_train_rows_is_verified_and_served_only_by_nam
     fast = Predictor.from_checkpoint(folder, runtime="int8")
     reference = Predictor.from_checkpoint(folder, runtime="onnx")
     assert fast.runtime == "int8"
+    # stored apart from the float32 model's predictions, and named on the About tab
+    assert fast.version == reference.version + "+int8"
+    from app.views import model_card_markdown
+
+    assert "**int8**" in model_card_markdown(fast.config, folder, fast.runtime)
     for path in EXAMPLES[:3]:
         request = PredictionRequest.build(path, age=50, sex="female", site="back")
         a, b = fast.predict(request), reference.predict(request)
