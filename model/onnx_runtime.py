@@ -190,23 +190,28 @@ def export_onnx(
                 verbose=False,
             )
         data = _shrink(raw)
-    out = folder / ONNX_FILE
+    (folder / INT8_FILE).unlink(missing_ok=True)  # made from the previous export
+    cfg.onnx = {**write_export(folder, ONNX_FILE, data, cfg), "opset": OPSET, "outputs": names}
+    write_config(cfg, folder)
+    if verbose:
+        print(f"wrote {folder / ONNX_FILE} ({len(data) / 1e6:.1f} MB)", file=sys.stderr)
+    return folder / ONNX_FILE
+
+
+def write_export(folder: Path, name: str, data: bytes, cfg: CheckpointConfig) -> dict[str, Any]:
+    """Write ``data`` to ``folder/name`` atomically (a reader never sees half a file) and return
+    the record :func:`onnx_status` verifies: file, SHA-256, the weights it was made from, size.
+    Shared by the float32 export and its int8 copy (:mod:`model.quantize`)."""
+    out = folder / name
     tmp_out = out.with_suffix(".onnx.tmp")
     tmp_out.write_bytes(data)
     tmp_out.replace(out)
-    (folder / INT8_FILE).unlink(missing_ok=True)  # made from the previous export
-    cfg.onnx = {
-        "file": ONNX_FILE,
+    return {
+        "file": name,
         "sha256": hashlib.sha256(data).hexdigest(),
         "weights_sha256": cfg.weights_sha256,
-        "opset": OPSET,
-        "outputs": names,
         "bytes": len(data),
     }
-    write_config(cfg, folder)
-    if verbose:
-        print(f"wrote {out} ({len(data) / 1e6:.1f} MB)", file=sys.stderr)
-    return out
 
 
 def _shrink(path: Path) -> bytes:

@@ -18,7 +18,6 @@ made from and the calibration set, and the runtime refuses a file that does not 
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -36,11 +35,11 @@ from model.checkpoint import (
     INT8_FILE,
     CheckpointConfig,
     CheckpointError,
-    load_checkpoint,
+    load_config,
     write_config,
 )
 from model.evaluate import select_rows
-from model.onnx_runtime import onnx_status
+from model.onnx_runtime import onnx_status, write_export
 
 #: Calibration images per class and per folder (the ranges settle well below this).
 PER_CLASS = 48
@@ -103,7 +102,7 @@ def quantize_int8(
     )
 
     folder = Path(folder)
-    _, cfg = load_checkpoint(folder)
+    cfg = load_config(folder)  # the config alone: the weights are not needed here
     problem = onnx_status(folder, cfg)
     if problem is not None:
         raise CheckpointError(f"Cannot quantise: {problem}.")
@@ -130,19 +129,12 @@ def quantize_int8(
             calibrate_method=CalibrationMethod.MinMax,
         )
         data = raw.read_bytes()
-    out = folder / INT8_FILE
-    tmp_out = out.with_suffix(".onnx.tmp")
-    tmp_out.write_bytes(data)
-    tmp_out.replace(out)
     cfg.onnx["int8"] = {
-        "file": INT8_FILE,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "weights_sha256": cfg.weights_sha256,
+        **write_export(folder, INT8_FILE, data, cfg),
         "method": METHOD,
         "calibration": calibration,
-        "bytes": len(data),
     }
     write_config(cfg, folder)
     if verbose:
-        print(f"wrote {out} ({len(data) / 1e6:.1f} MB)", file=sys.stderr)
-    return out
+        print(f"wrote {folder / INT8_FILE} ({len(data) / 1e6:.1f} MB)", file=sys.stderr)
+    return folder / INT8_FILE
