@@ -10,6 +10,7 @@ is rounded *before* it is measured, so the stored metrics describe exactly the s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -59,10 +60,13 @@ def ensemble_config(
     dtype: torch.dtype | None,
     command: str,
     pre: Preprocessing,
+    members: list[dict] | None = None,
 ) -> CheckpointConfig:
-    """The new checkpoint's description: the members' recipe and data, and how it was combined."""
+    """The new checkpoint's description: the members' recipe and data, and how it was combined.
+    ``members`` are the records of the networks used (default: every network of ``configs``)."""
     first = configs[0]
-    members = [member for cfg in configs for member in member_records(cfg)]
+    if members is None:
+        members = [member for cfg in configs for member in member_records(cfg)]
     inherited = ("split_file", "split_sha256", "sources", "train_class_counts", "selection_rule")
     return CheckpointConfig(
         name=name or f"{first.name}-ensemble{len(configs)}",
@@ -101,6 +105,35 @@ def _networks(net: Network) -> list[FusionNet]:
     return net.nets if isinstance(net, FusionEnsemble) else [net]
 
 
+_PICK = re.compile(r"^(?P<folder>.+)#(?P<index>\d+)$")
+
+
+def split_member(spec: Path | str) -> tuple[Path | str, int | None]:
+    """``FOLDER#K`` names network K (0-based) of the ensemble in FOLDER, so one member of a
+    shipped ensemble can join a new one without the others; a plain folder means all of it."""
+    m = _PICK.match(str(spec))
+    if m is None or Path(spec).exists():
+        return spec, None
+    return m["folder"], int(m["index"])
+
+
+def _load_member(
+    spec: Path | str, device: str
+) -> tuple[Path, CheckpointConfig, list[FusionNet], list[dict]]:
+    """A member argument → its folder, config, networks and how each network was made."""
+    folder_spec, index = split_member(spec)
+    folder = resolve_dir(folder_spec)
+    net, cfg = load_checkpoint(folder, device=device)
+    nets, records = _networks(net), member_records(cfg)
+    if index is None:
+        return folder, cfg, nets, records
+    if index >= len(nets):
+        raise CheckpointError(
+            f"{spec}: {folder} holds {len(nets)} network(s); pick one of 0..{len(nets) - 1}."
+        )
+    return folder, cfg, [nets[index]], [records[index]] if len(records) == len(nets) else records
+
+
 def _data(cfg: CheckpointConfig) -> list[tuple[str, str, str]]:
     """(name, role, CSV hash) of every source a checkpoint learnt from or was selected on."""
     return [(s["name"], s["role"], s["csv_sha256"]) for s in cfg.training.get("sources", [])]
@@ -118,15 +151,17 @@ def build_ensemble(
     command: str = "",
 ) -> tuple[Path, CheckpointConfig]:
     """Combine ``members`` (checkpoint folders) into a calibrated ensemble checkpoint at ``out``.
-    A member folder may hold an ensemble (e.g. the shipped model): its networks join one by one.
+    A member folder may hold an ensemble (e.g. the shipped model): its networks join one by one,
+    or only network K with ``FOLDER#K``.
 
     ``external_val`` are the validation sets the members were selected on (scored and used for
     the temperature like in training); ``geometry`` sets the inference framing policy."""
-    folders = [resolve_dir(m) for m in members]
-    loaded = [load_checkpoint(f, device=device) for f in folders]
-    configs = [cfg for _, cfg in loaded]
+    loaded = [_load_member(m, device) for m in members]
+    folders = [folder for folder, _, _, _ in loaded]
+    configs = [cfg for _, cfg, _, _ in loaded]
     _check_compatible(configs, folders)
-    nets = [n for net, _ in loaded for n in _networks(net)]
+    nets = [n for _, _, member_nets, _ in loaded for n in member_nets]
+    records = [r for _, _, _, recs in loaded for r in recs]
     if len(nets) < 2:
         raise CheckpointError("An ensemble needs at least two member networks.")
     model = FusionEnsemble.from_members(nets).to(device)
@@ -145,7 +180,7 @@ def build_ensemble(
         held[split] = eval_loader(rows, pre)
     external = {source_name(f): eval_loader(load_metadata(f), pre) for f in external_val}
     sets = EvalSets(val=held["val"], test=held["test"], external=external)
-    ck = ensemble_config(model, configs, name, dtype, command, pre)
+    ck = ensemble_config(model, configs, name, dtype, command, pre, members=records)
     detector = calibrate_and_score(model, ck, sets, device)
     out = Path(out)
     save_checkpoint(model, ck, out, dtype=dtype)

@@ -4,6 +4,7 @@
         --out runs/fusion_ens
     python -m scripts.ensemble runs/v2_s42 runs/v2_s43 --data-dir ../shared/ham10000 \\
         --external-val ../shared/isic2017/val --geometry squash --out runs/v2_ens
+    python -m scripts.ensemble model/shipped#0 runs/v2_s43 ...   # network 0 of an ensemble
 
 The result is an ordinary self-describing checkpoint (mean logits of the members, temperature and
 OOD check fitted on val, val + test metrics in config.json), usable by every CLI and the app via
@@ -26,7 +27,12 @@ from model.ensemble import build_ensemble
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("members", nargs="+", type=Path, help="member checkpoint folders (≥ 2)")
+    p.add_argument(
+        "members",
+        nargs="+",
+        type=Path,
+        help="member checkpoint folders (≥ 2 networks); FOLDER#K: only network K of an ensemble",
+    )
     p.add_argument("--data-dir", required=True, type=Path, help="HAM10000-format folder")
     p.add_argument("--out", required=True, type=Path, help="output checkpoint folder")
     p.add_argument("--name", default="", help="model name (default: <member name>-ensembleN)")

@@ -321,13 +321,12 @@ def test_train_resume_evaluate_and_ensemble_cli(tmp_path):
     second = [*base[:6], str(tmp_path / "run_s1"), *base[7:], "--epochs", "1", "--seed", "1"]
     r = subprocess.run(second, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    ens_cmd = [sys.executable, "-m", "scripts.ensemble", "--data-dir", str(data), "--out"]
-    r = subprocess.run(
-        [*ens_cmd, str(tmp_path / "ens"), str(out), str(tmp_path / "run_s1")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+
+    def ensemble(out_dir: str, *members: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "scripts.ensemble", "--data-dir", str(data), "--out", out_dir]
+        return subprocess.run([*cmd, *members], cwd=REPO, capture_output=True, text=True)
+
+    r = ensemble(str(tmp_path / "ens"), str(out), str(tmp_path / "run_s1"))
     assert r.returncode == 0, r.stderr[-2000:]
     ens = json.loads((tmp_path / "ens" / "config.json").read_text())
     assert ens["model"]["members"] == 2 and ens["training"]["weights_dtype"] == "float16"
@@ -343,22 +342,28 @@ def test_train_resume_evaluate_and_ensemble_cli(tmp_path):
     for c, p in ref.probabilities.items():
         assert abs(pred.probabilities[c] - p) < 1e-4
 
-    r = subprocess.run(
-        [*ens_cmd, str(tmp_path / "e1"), str(out)], cwd=REPO, capture_output=True, text=True
-    )
+    r = ensemble(str(tmp_path / "e1"), str(out))
     assert r.returncode == 2 and "at least two" in r.stderr and "Traceback" not in r.stderr
 
     # an ensemble can itself be a member: its networks join (here 2 + 1 = 3 members)
-    r = subprocess.run(
-        [*ens_cmd, str(tmp_path / "e3"), str(tmp_path / "ens"), str(tmp_path / "run_s1")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    r = ensemble(str(tmp_path / "e3"), str(tmp_path / "ens"), str(tmp_path / "run_s1"))
     assert r.returncode == 0, r.stderr[-2000:]
     e3 = json.loads((tmp_path / "e3" / "config.json").read_text())
     assert e3["model"]["members"] == 3
     assert [mb["seed"] for mb in e3["training"]["members"]] == [42, 1, 1]
+
+    # FOLDER#K: only network K of an ensemble joins (here network 1 of e3 + run_s1)
+    r = ensemble(str(tmp_path / "e2"), f"{tmp_path / 'e3'}#1", str(tmp_path / "run_s1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    e2 = json.loads((tmp_path / "e2" / "config.json").read_text())
+    assert e2["model"]["members"] == 2
+    assert e2["training"]["members"] == e3["training"]["members"][1:]  # [e3's net 1, run_s1]
+    picked, _ = load_checkpoint(tmp_path / "e2")
+    source, _ = load_checkpoint(tmp_path / "e3")
+    for a, b in zip(picked.nets[0].parameters(), source.nets[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    r = ensemble(str(tmp_path / "e4"), f"{tmp_path / 'e3'}#3", str(out))
+    assert r.returncode == 2 and "holds 3 network(s)" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
