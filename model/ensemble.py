@@ -60,13 +60,11 @@ def ensemble_config(
     dtype: torch.dtype | None,
     command: str,
     pre: Preprocessing,
-    members: list[dict] | None = None,
+    members: list[dict],
 ) -> CheckpointConfig:
     """The new checkpoint's description: the members' recipe and data, and how it was combined.
-    ``members`` are the records of the networks used (default: every network of ``configs``)."""
+    ``members`` are the records of the networks used (:func:`member_records`, per network)."""
     first = configs[0]
-    if members is None:
-        members = [member for cfg in configs for member in member_records(cfg)]
     inherited = ("split_file", "split_sha256", "sources", "train_class_counts", "selection_rule")
     return CheckpointConfig(
         name=name or f"{first.name}-ensemble{len(configs)}",
@@ -108,7 +106,7 @@ def _networks(net: Network) -> list[FusionNet]:
 _PICK = re.compile(r"^(?P<folder>.+)#(?P<index>\d+)$")
 
 
-def split_member(spec: Path | str) -> tuple[Path | str, int | None]:
+def _split_member(spec: Path | str) -> tuple[Path | str, int | None]:
     """``FOLDER#K`` names network K (0-based) of the ensemble in FOLDER, so one member of a
     shipped ensemble can join a new one without the others; a plain folder means all of it."""
     m = _PICK.match(str(spec))
@@ -121,7 +119,7 @@ def _load_member(
     spec: Path | str, device: str
 ) -> tuple[Path, CheckpointConfig, list[FusionNet], list[dict]]:
     """A member argument → its folder, config, networks and how each network was made."""
-    folder_spec, index = split_member(spec)
+    folder_spec, index = _split_member(spec)
     folder = resolve_dir(folder_spec)
     net, cfg = load_checkpoint(folder, device=device)
     nets, records = _networks(net), member_records(cfg)
