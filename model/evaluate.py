@@ -175,6 +175,7 @@ def _write(
         {
             "source": df["source"].to_numpy(),
             "image_id": df["image_id"].to_numpy(),
+            "lesion_id": df["lesion_id"].to_numpy(),
             "dx": df["dx"].to_numpy(),
             **{f"p_{c}": probs[:, i] for i, c in enumerate(CLASSES)},
             "ood_distance": distance if distance is not None else np.nan,

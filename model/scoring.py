@@ -8,6 +8,12 @@ the selection score is the **mean over the validation sets**. Epochs and candida
 chosen by it; the test split is never used to choose anything. Balanced accuracy keeps all seven
 classes honest on HAM10000; the external term rewards a model that still finds melanoma on
 dermoscopy from other clinics.
+
+**Replacing the shipped model** (added 2026-12-02, before the comparison it first decided): a
+candidate with a higher selection score replaces the shipped model only if it is higher in at
+least 95 % of paired bootstrap draws over the validation images (:mod:`model.compare`,
+``scripts.compare``); a gain within the noise of 1287 + 150 validation images keeps the shipped
+model, so the default does not churn on chance.
 """
 
 from __future__ import annotations
