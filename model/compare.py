@@ -138,9 +138,9 @@ def compare_predictions(
     sources = list(dict.fromkeys(both["source"]))
     groups = []  # per source: row indices of each group
     for s in sources:
-        rows = np.flatnonzero(both["source"].to_numpy() == s)
-        codes, _ = pd.factorize(both["group"].to_numpy()[rows])
-        groups.append([rows[codes == g] for g in range(codes.max() + 1)])
+        members = np.flatnonzero(both["source"].to_numpy() == s)
+        codes, _ = pd.factorize(both["group"].to_numpy()[members])
+        groups.append([members[codes == g] for g in range(codes.max() + 1)])
 
     def measure(index: list[np.ndarray]) -> tuple[dict, dict]:
         parts_a = [(s, y_all[i], pa_all[i]) for s, i in zip(sources, index, strict=True)]
@@ -157,7 +157,7 @@ def compare_predictions(
         for k in diffs:
             diffs[k].append(mb[k] - ma[k])
     tail = 100 * (1 - level) / 2
-    rows = []
+    rows: list[Row] = []
     for (source, metric), a_value in base_a.items():
         if metric == "set_score" and len(sources) == 1:
             continue  # equal to the selection score
