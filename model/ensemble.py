@@ -67,7 +67,7 @@ def ensemble_config(
     first = configs[0]
     inherited = ("split_file", "split_sha256", "sources", "train_class_counts", "selection_rule")
     return CheckpointConfig(
-        name=name or f"{first.name}-ensemble{len(configs)}",
+        name=name or f"{first.name}-ensemble{len(model.nets)}",
         model=model.cfg,
         preprocessing=pre,
         vocabulary=first.vocabulary,

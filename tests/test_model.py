@@ -349,7 +349,7 @@ def test_train_resume_evaluate_and_ensemble_cli(tmp_path):
     r = ensemble(str(tmp_path / "e3"), str(tmp_path / "ens"), str(tmp_path / "run_s1"))
     assert r.returncode == 0, r.stderr[-2000:]
     e3 = json.loads((tmp_path / "e3" / "config.json").read_text())
-    assert e3["model"]["members"] == 3
+    assert e3["model"]["members"] == 3 and e3["name"].endswith("-ensemble3")  # networks
     assert [mb["seed"] for mb in e3["training"]["members"]] == [42, 1, 1]
 
     # FOLDER#K: only network K of an ensemble joins (here network 1 of e3 + run_s1)
