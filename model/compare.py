@@ -60,7 +60,8 @@ def load_predictions(path: Path | str) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype={"source": str, "image_id": str, "dx": str})
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({exc})") from None
+        reason = " ".join(str(exc).split())  # pandas' messages may span lines
+        raise DataError(f"{path}: not a readable CSV ({reason})") from None
     missing = [c for c in (*KEY, "dx", *PROB_COLUMNS) if c not in df]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}")

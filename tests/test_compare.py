@@ -122,7 +122,10 @@ def test_cli_writes_json_and_refuses_mismatched_files(two_sources, tmp_path, cap
     df.to_csv(relabelled, index=False)
     no_probs = tmp_path / "no_probs.csv"
     pd.read_csv(b_csv).drop(columns=["p_mel"]).to_csv(no_probs, index=False)
+    garbled = tmp_path / "garbled.csv"
+    garbled.write_text("a\nb\nc,d,e\n")
     cases = {
+        garbled: "not a readable CSV",
         fewer: "different image sets",
         relabelled: "different labels",
         no_probs: "missing column(s) p_mel",
