@@ -27,6 +27,7 @@ from data_pipeline.sources import source_name
 from data_pipeline.splits import REPO_ROOT, SPLITS, attach_splits, file_sha256, load_splits
 from model.calibration import softmax
 from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
+from model.compare import bootstrap_intervals, check_n_boot
 from model.engine import collect_outputs, eval_loader
 from model.metrics import compute_metrics, reliability_bins
 from model.onnx_runtime import OnnxEngine
@@ -109,12 +110,18 @@ def evaluate(
     by_source: bool = False,
     geometry: str | None = None,
     runtime: str | None = None,
+    bootstrap: int = 0,
 ) -> dict:
     """Score ``checkpoint`` (None → shipped model); writes files to ``out`` when given.
 
     ``geometry`` overrides the checkpoint's framing policy (to measure squash / pad / crop).
     ``runtime``: auto (ONNX Runtime on a CPU when the checkpoint's export is valid), onnx or
-    torch; None reads ``$DERMFUSION_RUNTIME``."""
+    torch; None reads ``$DERMFUSION_RUNTIME``. ``bootstrap`` > 0 adds 95 % intervals of the
+    headline metrics per source (that many draws of whole lesions) under ``intervals``: on a
+    test set of 15 dermatofibromas one image moves balanced accuracy by about 0.01, and a reader
+    of the figures should see how far they can move by chance."""
+    if bootstrap:
+        check_n_boot(bootstrap)
     folder = resolve_dir(checkpoint)
     model, cfg = load_checkpoint(folder, device=device)
     engine = None
@@ -143,6 +150,14 @@ def evaluate(
             )
             for name in dict.fromkeys(src)
         }
+    predictions = _predictions_frame(df, labels, probs, distance)
+    if bootstrap:
+        metrics["intervals"] = {
+            "n_boot": bootstrap,
+            "level": 0.95,
+            "resampled": "lesions within each source",
+            "by_source": bootstrap_intervals(predictions, n_boot=bootstrap),
+        }
     metrics.update(
         {
             "checkpoint": str(folder),
@@ -157,21 +172,15 @@ def evaluate(
         }
     )
     if out is not None:
-        _write(Path(out), metrics, df, labels, probs, distance)
+        _write(Path(out), metrics, predictions, labels, probs)
     return metrics
 
 
-def _write(
-    out: Path,
-    metrics: dict,
-    df: pd.DataFrame,
-    labels: np.ndarray,
-    probs: np.ndarray,
-    distance: np.ndarray | None,
-) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    pd.DataFrame(
+def _predictions_frame(
+    df: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, distance: np.ndarray | None
+) -> pd.DataFrame:
+    """What ``predictions.csv`` holds (and what :mod:`model.compare` reads back)."""
+    return pd.DataFrame(
         {
             "source": df["source"].to_numpy(),
             "image_id": df["image_id"].to_numpy(),
@@ -180,7 +189,15 @@ def _write(
             **{f"p_{c}": probs[:, i] for i, c in enumerate(CLASSES)},
             "ood_distance": distance if distance is not None else np.nan,
         }
-    ).to_csv(out / "predictions.csv", index=False)
+    )
+
+
+def _write(
+    out: Path, metrics: dict, predictions: pd.DataFrame, labels: np.ndarray, probs: np.ndarray
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    predictions.to_csv(out / "predictions.csv", index=False)
     plot_confusion(metrics, out / "confusion_matrix.png")
     plot_roc(labels, probs, out / "roc.png")
     plot_reliability(labels, probs, out / "reliability.png")

@@ -4,8 +4,10 @@
     python -m scripts.evaluate --data-dir ../shared/ham10000 --split test \\
         --external ../shared/isic2017/val --by-source --out outputs/eval_by_source
     python -m scripts.evaluate --data-dir /data/external --split all --out outputs/external --tta
+    python -m scripts.evaluate --data-dir ../shared/ham10000 --out outputs/eval_ci --bootstrap 1000
 
-Writes OUT/metrics.json, OUT/predictions.csv and confusion / ROC / reliability PNGs.
+Writes OUT/metrics.json, OUT/predictions.csv and confusion / ROC / reliability PNGs; with
+--bootstrap N, metrics.json also holds 95 % intervals of the headline figures per source.
 --checkpoint defaults to the shipped model.
 """
 
@@ -58,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the checkpoint's framing policy (to measure alternatives)",
     )
     p.add_argument("--tta", action="store_true", help="average flips / 180° rotation")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="95 %% intervals of the headline metrics per source from N draws of whole lesions "
+        "(e.g. 1000; 0: none)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
@@ -85,6 +95,17 @@ def print_report(m: dict, label: str) -> None:
             )
 
 
+def print_intervals(intervals: dict) -> None:
+    print(f"95 % intervals ({intervals['n_boot']} draws, {intervals['resampled']}):")
+    for source, rows in intervals["by_source"].items():
+        cells = [
+            f"{k} {_f(r['value'])} [{_f(r['low'])}, {_f(r['high'])}]"
+            for k, r in rows.items()
+            if r["value"] is not None
+        ]
+        print(f"  [{source}] " + "  ".join(cells))
+
+
 def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -105,11 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         by_source=args.by_source,
         geometry=args.geometry,
         runtime=args.runtime,
+        bootstrap=args.bootstrap,
     )
     print(f"{m['model_version']} (split {m['split']}, tta={m['tta']}, runtime {m['runtime']})")
     for name, sub in m.get("by_source", {}).items():
         print_report(sub, f"[{name}]")
     print_report(m, "[all rows]")
+    if "intervals" in m:
+        print_intervals(m["intervals"])
     if "warning" in m:
         print(f"warning: {m['warning']}")
     print(f"wrote {args.out}/metrics.json and plots")

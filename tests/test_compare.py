@@ -12,7 +12,13 @@ import pytest
 from common.cli import run_cli
 from common.errors import DataError
 from data_pipeline.schema import CLASSES
-from model.compare import PROB_COLUMNS, compare_predictions, load_predictions, pair
+from model.compare import (
+    PROB_COLUMNS,
+    bootstrap_intervals,
+    compare_predictions,
+    load_predictions,
+    pair,
+)
 from model.metrics import compute_metrics
 from model.scoring import selection_score
 from scripts import compare as compare_cli
@@ -137,3 +143,44 @@ def test_cli_writes_json_and_refuses_mismatched_files(two_sources, tmp_path, cap
         assert err.startswith("error:") and message in err and "\n" not in err
     with pytest.raises(DataError, match="at least 10"):
         compare_predictions(load_predictions(a_dir), load_predictions(b_csv), n_boot=1)
+
+
+def test_intervals_hold_the_reported_value_and_shrink_with_more_images(two_sources):
+    """One model's bootstrap intervals: centred on compute_metrics' own figures, degenerate for
+    a perfect model, narrower on a larger sample, whole lesions resampled."""
+    y, sources = two_sources
+    probs = _noisy(y, 0.6, 3)
+    df = _predictions(y, probs, sources)
+    out = bootstrap_intervals(df, n_boot=100)
+    assert list(out) == ["ham10000", "external"]
+    ham = sources == "ham10000"
+    m = compute_metrics(y[ham], probs[ham], CLASSES)
+    row = out["ham10000"]
+    assert row["balanced_accuracy"]["value"] == pytest.approx(m["balanced_accuracy"])
+    assert row["macro_auc"]["value"] == pytest.approx(m["macro_auc"])
+    assert row["mel_auc"]["value"] == pytest.approx(m["melanoma"]["auc"])
+    assert row["malignant_auc"]["value"] == pytest.approx(m["malignant"]["auc"])
+    for r in row.values():
+        assert r["low"] <= r["value"] <= r["high"]
+    # the external source has no akiec / bcc / df / vasc: its macro AUC covers nv / mel / bkl only
+    assert out["external"]["macro_auc"]["value"] is not None
+
+    perfect = np.eye(len(CLASSES))[y]
+    sure = bootstrap_intervals(_predictions(y, perfect, sources), n_boot=20)["ham10000"]
+    assert sure["balanced_accuracy"] == {"value": 1.0, "low": 1.0, "high": 1.0}
+
+    def width(n: int) -> float:
+        rng = np.random.default_rng(7)
+        yy = rng.integers(0, len(CLASSES), n)
+        r = bootstrap_intervals(_predictions(yy, _noisy(yy, 0.4, 8), np.array(["s"] * n)), 200)
+        ba = r["s"]["balanced_accuracy"]
+        return ba["high"] - ba["low"]
+
+    assert width(2000) < 0.6 * width(200)
+
+    # ten images of one lesion count once: the interval of one lesion repeated is degenerate
+    one = _predictions(y[:10], probs[:10], np.array(["s"] * 10), np.array(["L1"] * 10))
+    ba = bootstrap_intervals(one, n_boot=20)["s"]["balanced_accuracy"]
+    assert ba["low"] == ba["high"] == ba["value"]
+    with pytest.raises(DataError, match="at least 10"):
+        bootstrap_intervals(df, n_boot=3)

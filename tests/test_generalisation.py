@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.cli import run_cli
 from common.errors import DataError
 from data_pipeline.schema import CLASSES
 from data_pipeline.sources import class_masks, load_sources, read_citation, source_name
@@ -306,8 +307,18 @@ def test_evaluate_cli_prints_per_source_tables(tiny_checkpoint, three_sources, t
     ham, _, external, _ = three_sources
     argv = ["--data-dir", str(ham), "--checkpoint", str(tiny_checkpoint), "--split", "all"]
     argv += ["--external", str(external), "--by-source", "--out", str(tmp_path / "e")]
-    assert main(argv) == 0
+    assert main([*argv, "--bootstrap", "50"]) == 0
     out = capsys.readouterr().out
     assert "[ham]" in out and "[isic-val]" in out and "flagged" in out
-    assert (tmp_path / "e" / "metrics.json").is_file()
+    assert "95 % intervals (50 draws" in out
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    intervals = metrics["intervals"]["by_source"]
+    assert set(intervals) == {"ham", "isic-val"}
+    ba = intervals["isic-val"]["balanced_accuracy"]
+    assert ba["value"] == pytest.approx(metrics["by_source"]["isic-val"]["balanced_accuracy"])
+    assert ba["low"] <= ba["value"] <= ba["high"]
+    # too few draws: one line, before any image is scored
+    assert run_cli(main, [*argv, "--bootstrap", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "at least 10" in err and "\n" not in err
     assert sys.modules["scripts.evaluate"] is not None
