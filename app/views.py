@@ -582,30 +582,56 @@ def _per_class_table(m: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _with_interval(value: Any, interval: Any, fmt: Callable[[Any], str]) -> str:
+    """``74.2% [67.9–80.2]`` where a 95 % interval is stored, else the value alone."""
+    text = fmt(value)
+    if value is None or not isinstance(interval, dict):
+        return text
+    low, high = interval.get("low"), interval.get("high")
+    if low is None or high is None:
+        return text
+    return f"{text} [{fmt(low).rstrip('%')}–{fmt(high)}]"
+
+
 def _by_source_lines(metrics: dict[str, Any]) -> list[str]:
-    """Melanoma and malignant-vs-benign scores per held-out set, external sets included."""
-    sets = {"HAM10000 test": metrics.get("test"), "HAM10000 val": metrics.get("val")}
-    sets.update({f"{name} (external)": m for name, m in (metrics.get("external") or {}).items()})
+    """Melanoma and malignant-vs-benign scores per held-out set, external sets included, each
+    with its 95 % bootstrap interval where the checkpoint stores one."""
+    sets = {f"HAM10000 {key}": (key, metrics.get(key)) for key in ("test", "val")}
+    sets.update(
+        {f"{name} (external)": (name, m) for name, m in (metrics.get("external") or {}).items()}
+    )
     rows = [
-        (name, m)
-        for name, m in sets.items()
+        (name, key, m)
+        for name, (key, m) in sets.items()
         if isinstance(m, dict) and isinstance(m.get("melanoma"), dict)
     ]
     if not rows:
         return []
+    found = metrics.get("intervals")
+    stored: dict[str, Any] = found if isinstance(found, dict) else {}
     table = [
         "| Set | n | Balanced acc. | Melanoma AUC | Melanoma sens. at 90 % spec. | "
         "Malignant-vs-benign AUC |",
         "|---|---|---|---|---|---|",
     ]
-    for name, m in rows:
+    for name, key, m in rows:
         mel, mal = m["melanoma"], m.get("malignant") or {}
+        ci = (stored.get("sets") or {}).get(key) or {}
         table.append(
-            f"| {name} | {_count(m.get('n'))} | {_pct(m.get('balanced_accuracy'))} | "
-            f"{_num(mel.get('auc'))} | {_pct(mel.get('sens_at_spec90'))} | {_num(mal.get('auc'))} |"
+            f"| {name} | {_count(m.get('n'))} "
+            f"| {_with_interval(m.get('balanced_accuracy'), ci.get('balanced_accuracy'), _pct)} "
+            f"| {_with_interval(mel.get('auc'), ci.get('mel_auc'), _num)} "
+            f"| {_with_interval(mel.get('sens_at_spec90'), ci.get('mel_sens_at_spec90'), _pct)} "
+            f"| {_with_interval(mal.get('auc'), ci.get('malignant_auc'), _num)} |"
+        )
+    title = "**By source — what a screening use cares about"
+    if stored.get("sets"):
+        title += (
+            f" (in brackets: 95 % bootstrap interval, {stored.get('n_boot')} draws of whole "
+            "lesions — how far each figure could move on another sample of the same size)"
         )
     # one Markdown block: the card joins its parts with blank lines, which would break a table
-    return ["**By source — what a screening use cares about:**", "\n".join(table)]
+    return [title + ":**", "\n".join(table)]
 
 
 def _performance_lines(config: CheckpointConfig, checkpoint_folder: Path | str | None) -> list[str]:

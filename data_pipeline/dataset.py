@@ -37,6 +37,8 @@ class LesionDataset(Dataset):
     ) -> None:
         self.paths = df["path"].tolist()
         self.labels = df["label"].to_numpy(dtype=np.int64)
+        # images of one lesion are not independent: bootstrap intervals resample them together
+        self.lesion_ids = df["lesion_id"].astype(str).tolist() if "lesion_id" in df else None
         self.meta = metadata_matrix(df) if len(df) else np.zeros((0, 0), np.float32)
         self.transform = transform
         self.blank_prob = blank_prob

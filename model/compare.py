@@ -6,8 +6,8 @@ score that rises by 0.004 may be noise. :func:`compare_predictions` takes two
 images of each source with replacement (the same draw for both models, so the comparison is
 paired; whole lesions where a ``lesion_id`` column says which images belong together), and
 reports for every metric A, B, the difference B − A with a percentile interval, and how often B
-beat A over the draws. :func:`bootstrap_intervals` does the same resampling for one model: a 95 %
-interval of each headline figure per source (``scripts.evaluate --bootstrap N``).
+beat A over the draws. The resampling is :mod:`model.bootstrap`'s, which also gives one model's
+intervals (``scripts.evaluate --bootstrap N``).
 
 Used by ``scripts.compare``; the metrics are the ones the selection rule and the README report
 (:func:`model.scoring.set_score`), computed by the same functions as everywhere else.
@@ -23,6 +23,7 @@ import pandas as pd
 
 from common.errors import DataError
 from data_pipeline.schema import CLASSES
+from model.bootstrap import check_n_boot, draws, group_index
 from model.metrics import binary_metrics, compute_metrics, confusion_matrix
 from model.scoring import set_score
 
@@ -124,30 +125,6 @@ def _all_metrics(parts: list[tuple[str, np.ndarray, np.ndarray]]) -> dict[tuple[
     return out
 
 
-def _group_index(both: pd.DataFrame) -> tuple[list[str], list[list[np.ndarray]]]:
-    """Sources in order, and per source the row indices of each resampling group (lesion)."""
-    sources = list(dict.fromkeys(both["source"]))
-    groups = []
-    for s in sources:
-        members = np.flatnonzero(both["source"].to_numpy() == s)
-        codes, _ = pd.factorize(both["group"].to_numpy()[members])
-        groups.append([members[codes == g] for g in range(codes.max() + 1)])
-    return sources, groups
-
-
-def _draws(groups: list[list[np.ndarray]], n_boot: int, seed: int):
-    """``n_boot`` bootstrap draws: per source, whole groups resampled with replacement."""
-    rng = np.random.default_rng(seed)
-    for _ in range(n_boot):
-        yield [np.concatenate([g[j] for j in rng.integers(0, len(g), len(g))]) for g in groups]
-
-
-def check_n_boot(n_boot: int) -> None:
-    """Refuse a bootstrap too small to give an interval (before any expensive work)."""
-    if n_boot < 10:
-        raise DataError(f"bootstrap draws must be at least 10 (got {n_boot})")
-
-
 def compare_predictions(
     a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: float = 0.95
 ) -> list[Row]:
@@ -158,7 +135,7 @@ def compare_predictions(
     y_all = both["dx_a"].map(CLASSES.index).to_numpy()
     pa_all = both[[f"{c}_a" for c in PROB_COLUMNS]].to_numpy(dtype=float)
     pb_all = both[[f"{c}_b" for c in PROB_COLUMNS]].to_numpy(dtype=float)
-    sources, groups = _group_index(both)
+    sources, groups = group_index(both["source"].to_numpy(), both["group"].to_numpy())
 
     def measure(index: list[np.ndarray]) -> tuple[dict, dict]:
         parts_a = [(s, y_all[i], pa_all[i]) for s, i in zip(sources, index, strict=True)]
@@ -168,7 +145,7 @@ def compare_predictions(
     full = [np.concatenate(g) for g in groups]
     base_a, base_b = measure(full)
     diffs: dict[tuple[str, str], list[float]] = {k: [] for k in base_a}
-    for index in _draws(groups, n_boot, seed):
+    for index in draws(groups, n_boot, seed):
         ma, mb = measure(index)
         for k in diffs:
             diffs[k].append(mb[k] - ma[k])
@@ -192,63 +169,6 @@ def compare_predictions(
             )
         )
     return rows
-
-
-def reported_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """The headline figures a results table reports for one source (NaN where undefined):
-    balanced accuracy, macro AUC, melanoma AUC / recall / sensitivity at 90 % specificity and
-    malignant-vs-benign AUC, taken from :func:`compute_metrics` itself."""
-    m = compute_metrics(y, probs, CLASSES)
-    mel, mal = m["melanoma"], m["malignant"]
-    is_mel = y == MEL
-
-    def value(x: float | None) -> float:
-        return np.nan if x is None else float(x)
-
-    return {
-        "balanced_accuracy": float(m["balanced_accuracy"]),
-        "macro_auc": value(m["macro_auc"]),
-        "mel_auc": value(mel["auc"]),
-        "mel_recall": value(m["per_class"]["mel"]["recall"] if is_mel.any() else None),
-        "mel_sens_at_spec90": value(mel["sens_at_spec90"]),
-        "malignant_auc": value(mal["auc"]),
-    }
-
-
-def bootstrap_intervals(
-    df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> dict[str, dict[str, dict[str, float | None]]]:
-    """Percentile bootstrap intervals of one model's :func:`reported_metrics`, per source.
-
-    ``df`` has the columns of ``predictions.csv`` (``lesion_id`` optional); whole lesions are
-    resampled within each source, as in :func:`compare_predictions`. Returns
-    ``{source: {metric: {"value", "low", "high"}}}`` (None where a metric is undefined)."""
-    check_n_boot(n_boot)
-    frame = df.assign(group=df["lesion_id"] if "lesion_id" in df else df["image_id"])
-    y_all = frame["dx"].map(CLASSES.index).to_numpy()
-    p_all = frame[list(PROB_COLUMNS)].to_numpy(dtype=float)
-    sources, groups = _group_index(frame)
-    full = [np.concatenate(g) for g in groups]
-    base = {s: reported_metrics(y_all[i], p_all[i]) for s, i in zip(sources, full, strict=True)}
-    samples: dict[str, dict[str, list[float]]] = {s: {k: [] for k in base[s]} for s in sources}
-    for index in _draws(groups, n_boot, seed):
-        for s, i in zip(sources, index, strict=True):
-            for k, v in reported_metrics(y_all[i], p_all[i]).items():
-                samples[s][k].append(v)
-    tail = 100 * (1 - level) / 2
-
-    def finite(x: float) -> float | None:
-        return float(x) if np.isfinite(x) else None
-
-    out: dict[str, dict[str, dict[str, float | None]]] = {}
-    for s in sources:
-        out[s] = {}
-        for k, value in base[s].items():
-            d = np.asarray(samples[s][k])
-            d = d[np.isfinite(d)]
-            low, high = np.percentile(d, [tail, 100 - tail]) if d.size else (np.nan, np.nan)
-            out[s][k] = {"value": finite(value), "low": finite(low), "high": finite(high)}
-    return out
 
 
 def format_table(rows: list[Row], name_a: str, name_b: str, level: float = 0.95) -> str:

@@ -25,9 +25,9 @@ from data_pipeline.ham10000 import load_metadata
 from data_pipeline.schema import CLASSES
 from data_pipeline.sources import source_name
 from data_pipeline.splits import REPO_ROOT, SPLITS, attach_splits, file_sha256, load_splits
+from model.bootstrap import bootstrap_intervals, check_n_boot
 from model.calibration import softmax
 from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
-from model.compare import bootstrap_intervals, check_n_boot
 from model.engine import collect_outputs, eval_loader
 from model.metrics import compute_metrics, reliability_bins
 from model.onnx_runtime import OnnxEngine

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_pipeline.schema import CLASSES
+from model.bootstrap import LEVEL, set_intervals
 from model.calibration import fit_temperature, softmax
 from model.checkpoint import CheckpointConfig
 from model.engine import collect_logits, collect_outputs
@@ -77,10 +78,16 @@ def validate(
 
 
 def calibrate_and_score(
-    model: Network, ck: CheckpointConfig, sets: EvalSets, device: torch.device | str
+    model: Network,
+    ck: CheckpointConfig,
+    sets: EvalSets,
+    device: torch.device | str,
+    n_boot: int = 1000,
 ) -> FeatureDistance:
     """Fit the OOD check (on HAM10000 val) and the temperature (on all validation sets pooled),
-    then score val, test and every external set into ``ck.metrics`` (in place).
+    then score val, test and every external set into ``ck.metrics`` (in place), with 95 %
+    bootstrap intervals of the headline figures under ``ck.metrics["intervals"]`` (``n_boot``
+    draws of whole lesions; 0: none), which the model card shows beside each figure.
 
     Shared by training and ensembling, so both ship identically described checkpoints."""
     collected = {name: collect_outputs(model, ld, device) for name, ld in sets.validation().items()}
@@ -89,15 +96,27 @@ def calibrate_and_score(
         np.concatenate([z for z, _, _ in collected.values()]),
         np.concatenate([y for _, y, _ in collected.values()]),
     )
-    scored = {
-        name: compute_metrics(y, softmax(z, ck.temperature), CLASSES)
-        for name, (z, y, _) in collected.items()
-    }
-    ck.metrics = {"val": scored.pop("val"), "external": scored}
-    ck.metrics["selection_score"] = selection_score({"val": ck.metrics["val"], **scored})
+    probs = {name: (softmax(z, ck.temperature), y) for name, (z, y, _) in collected.items()}
     if sets.test is not None:
         z, y = collect_logits(model, sets.test, device)
-        ck.metrics["test"] = compute_metrics(y, softmax(z, ck.temperature), CLASSES)
+        probs["test"] = (softmax(z, ck.temperature), y)
+    scored = {name: compute_metrics(y, p, CLASSES) for name, (p, y) in probs.items()}
+    test = scored.pop("test", None)
+    ck.metrics = {"val": scored.pop("val"), "external": scored}
+    ck.metrics["selection_score"] = selection_score({"val": ck.metrics["val"], **scored})
+    if test is not None:
+        ck.metrics["test"] = test
+    if n_boot:
+        loaders = {**sets.validation(), **({"test": sets.test} if sets.test is not None else {})}
+        lesions = {name: getattr(ld.dataset, "lesion_ids", None) for name, ld in loaders.items()}
+        ck.metrics["intervals"] = {
+            "n_boot": n_boot,
+            "level": LEVEL,
+            "resampled": "lesions",
+            "sets": {
+                name: set_intervals(y, p, lesions[name], n_boot) for name, (p, y) in probs.items()
+            },
+        }
     print(f"temperature {ck.temperature:.3f}", flush=True)
     for name in ("val", "test"):
         if name in ck.metrics:

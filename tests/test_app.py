@@ -543,6 +543,17 @@ def test_model_card_of_a_multi_source_checkpoint(app):
     card = views.model_card_markdown(cfg)
     assert "| Set | n |" in card and "|---|---|---|---|---|---|\n| HAM10000 test | 10 |" in card
     assert "\n| isic2017-val (external) | 5 | 80.0% | 0.870 | 70.0% | — |" in card
+    assert "bootstrap interval" not in card
+    # a checkpoint that stores 95 % intervals shows them beside each figure
+    ci = {"value": 0.8, "low": 0.724, "high": 0.871}
+    cfg.metrics["intervals"] = {
+        "n_boot": 1000,
+        "sets": {"isic2017-val": {"balanced_accuracy": ci, "mel_auc": {**ci, "low": None}}},
+    }
+    card = views.model_card_markdown(cfg)
+    assert "95 % bootstrap interval, 1000 draws of whole lesions" in card
+    assert "\n| isic2017-val (external) | 5 | 80.0% [72.4–87.1%] | 0.870 | 70.0% | — |" in card
+    assert "\n| HAM10000 test | 10 | 70.0% | " in card  # no interval stored for it
     old = deepcopy(app.service.predictor.config)  # a v1 checkpoint: no sources, 4:3 crop
     old.preprocessing, old.training = Preprocessing(), {}
     old.ood = {**old.ood, "percentile": 99.0}

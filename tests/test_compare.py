@@ -12,9 +12,9 @@ import pytest
 from common.cli import run_cli
 from common.errors import DataError
 from data_pipeline.schema import CLASSES
+from model.bootstrap import bootstrap_intervals
 from model.compare import (
     PROB_COLUMNS,
-    bootstrap_intervals,
     compare_predictions,
     load_predictions,
     pair,

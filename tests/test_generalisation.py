@@ -26,7 +26,12 @@ from data_pipeline.transforms import (
 )
 from model.checkpoint import CheckpointConfig, load_checkpoint, load_config, save_checkpoint
 from model.losses import sampled_prior, source_aware_ce
-from model.metrics import binary_metrics, compute_metrics, sensitivity_at_specificity
+from model.metrics import (
+    binary_auc,
+    binary_metrics,
+    compute_metrics,
+    sensitivity_at_specificity,
+)
 from model.network import FusionNet, ModelConfig
 from model.scoring import selection_score, set_score
 from tests.conftest import write_synthetic_ham
@@ -226,6 +231,19 @@ def test_sensitivity_at_specificity_on_a_hand_made_case():
     assert b["n_pos"] == 4 and b["n_neg"] == 10
     # AUC by hand: pairs (pos > neg): 5.5→6, 7.5→8, 9.5→10, 10.5→10 = 34 of 40
     assert b["auc"] == pytest.approx(34 / 40)
+
+
+def test_fast_auc_is_sklearns_auc_with_ties():
+    """binary_auc (rank statistic, used thousands of times per bootstrap) gives exactly
+    sklearn's roc_auc_score, ties included; by hand: one tie counts one half."""
+    from sklearn.metrics import roc_auc_score
+
+    assert binary_auc(np.array([0, 1, 0, 1], bool), np.array([0.1, 0.5, 0.5, 0.9])) == 0.875
+    rng = np.random.default_rng(0)
+    for decimals in (0, 1, 3):
+        y = rng.integers(0, 2, 200).astype(bool)
+        score = np.round(rng.random(200), decimals)
+        assert binary_auc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
 
 
 def test_melanoma_and_malignant_metrics_in_compute_metrics():

@@ -288,6 +288,12 @@ def test_train_resume_evaluate_and_ensemble_cli(tmp_path):
     assert {"val", "test", "external", "selection_score"} <= set(cfg["metrics"])
     assert cfg["training"]["split_sha256"] and "scripts.train" in cfg["training"]["command"]
     assert cfg["preprocessing"]["height"] == 64 and cfg["ood"]["threshold"] > 0
+    # every held-out figure carries its 95 % bootstrap interval (whole lesions resampled)
+    intervals = cfg["metrics"]["intervals"]
+    assert intervals["n_boot"] == 1000 and set(intervals["sets"]) == {"val", "test"}
+    ba = intervals["sets"]["test"]["balanced_accuracy"]
+    assert ba["value"] == pytest.approx(cfg["metrics"]["test"]["balanced_accuracy"])
+    assert ba["low"] <= ba["value"] <= ba["high"]
     for name in ("history.csv", "learning_curve.png", "splits.csv", "ood.safetensors"):
         assert (out / name).is_file()
     # the final checkpoint ships with its verified ONNX export
@@ -333,6 +339,7 @@ def test_train_resume_evaluate_and_ensemble_cli(tmp_path):
     assert [mb["seed"] for mb in ens["training"]["members"]] == [42, 1]
     assert ens["training"]["split_sha256"] == cfg["training"]["split_sha256"]
     assert ens["metrics"]["test"]["n"] == m["n"] and ens["temperature"] > 0
+    assert set(ens["metrics"]["intervals"]["sets"]) == {"val", "test"}
     image = next(data.rglob("*.jpg"))
     served = Predictor.from_checkpoint(tmp_path / "ens")
     assert served.runtime == "onnx" and (tmp_path / "ens" / "model.onnx").is_file()
