@@ -23,13 +23,11 @@ import pandas as pd
 
 from common.errors import DataError
 from data_pipeline.schema import CLASSES
-from model.bootstrap import check_n_boot, draws, group_index
-from model.metrics import binary_metrics, compute_metrics, confusion_matrix
+from model.bootstrap import check_n_boot, draws, group_index, reported_metrics
 from model.scoring import set_score
 
 PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
 KEY = ["source", "image_id"]
-MEL = CLASSES.index("mel")
 
 
 @dataclass(frozen=True)
@@ -93,26 +91,20 @@ def pair(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
 
 
 def source_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """The reported metrics of one source (NaN where a set has no melanoma or only melanoma).
+    """One source's reported figures (:func:`model.bootstrap.reported_metrics`, NaN where
+    undefined) and its term of the selection rule (:func:`model.scoring.set_score`)."""
+    out = reported_metrics(y, probs)
 
-    Cheaper than :func:`compute_metrics` (this runs thousands of times per comparison) but built
-    from the same helpers, so the values are the ones ``metrics.json`` reports."""
-    pred = probs.argmax(axis=1)
-    cm = confusion_matrix(y, pred, len(CLASSES))
-    support = cm.sum(axis=1)
-    present = support > 0
-    ba = float(np.mean(np.diag(cm)[present] / support[present]))
-    is_mel = y == MEL
-    mel = binary_metrics(is_mel, probs[:, MEL])
-    out = {
-        "balanced_accuracy": ba,
-        "mel_auc": np.nan if mel["auc"] is None else mel["auc"],
-        "mel_recall": float((pred[is_mel] == MEL).mean()) if is_mel.any() else np.nan,
-        "mel_sens_at_spec90": np.nan if mel["auc"] is None else mel["sens_at_spec90"],
-    }
-    # the selection rule falls back to macro AUC where a set has no melanoma
-    macro = compute_metrics(y, probs, CLASSES)["macro_auc"] if mel["auc"] is None else None
-    out["set_score"] = set_score({"balanced_accuracy": ba, "melanoma": mel, "macro_auc": macro})
+    def known(x: float) -> float | None:
+        return None if np.isnan(x) else x
+
+    out["set_score"] = set_score(
+        {
+            "balanced_accuracy": out["balanced_accuracy"],
+            "melanoma": {"auc": known(out["mel_auc"])},
+            "macro_auc": known(out["macro_auc"]),
+        }
+    )
     return out
 
 
