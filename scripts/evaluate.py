@@ -4,10 +4,10 @@
     python -m scripts.evaluate --data-dir ../shared/ham10000 --split test \\
         --external ../shared/isic2017/val --by-source --out outputs/eval_by_source
     python -m scripts.evaluate --data-dir /data/external --split all --out outputs/external --tta
-    python -m scripts.evaluate --data-dir ../shared/ham10000 --out outputs/eval_ci --bootstrap 1000
 
-Writes OUT/metrics.json, OUT/predictions.csv and confusion / ROC / reliability PNGs; with
---bootstrap N, metrics.json also holds 95 % intervals of the headline figures per source.
+Writes OUT/metrics.json, OUT/predictions.csv and confusion / ROC / reliability PNGs.
+metrics.json also holds 95 % intervals of the headline figures per source (--bootstrap N draws of
+whole lesions, default 1000; 0 turns them off).
 --checkpoint defaults to the shipped model.
 """
 
@@ -63,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bootstrap",
         type=int,
-        default=0,
+        default=1000,
         metavar="N",
         help="95 %% intervals of the headline metrics per source from N draws of whole lesions "
-        "(e.g. 1000; 0: none)",
+        "(default: 1000; 0: none)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
