@@ -20,7 +20,6 @@ from data_pipeline.schema import CLASSES
 from model.metrics import compute_metrics
 
 LEVEL = 0.95
-MEL = CLASSES.index("mel")
 Interval = dict[str, float | None]
 
 
@@ -52,8 +51,7 @@ def reported_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """The headline figures of one set (NaN where undefined): balanced accuracy, macro AUC,
     melanoma AUC / recall / sensitivity at 90 % specificity, malignant-vs-benign AUC."""
     m = compute_metrics(y, probs, CLASSES)
-    mel, mal = m["melanoma"], m["malignant"]
-    has_mel = bool((np.asarray(y) == MEL).any())
+    mel, mal, mel_class = m["melanoma"], m["malignant"], m["per_class"]["mel"]
 
     def value(x: float | None) -> float:
         return np.nan if x is None else float(x)
@@ -62,7 +60,7 @@ def reported_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         "balanced_accuracy": float(m["balanced_accuracy"]),
         "macro_auc": value(m["macro_auc"]),
         "mel_auc": value(mel["auc"]),
-        "mel_recall": value(m["per_class"]["mel"]["recall"] if has_mel else None),
+        "mel_recall": value(mel_class["recall"] if mel_class["support"] else None),
         "mel_sens_at_spec90": value(mel["sens_at_spec90"]),
         "malignant_auc": value(mal["auc"]),
     }
@@ -108,7 +106,6 @@ def bootstrap_intervals(
 ) -> dict[str, dict[str, Interval]]:
     """:func:`set_intervals` of every source of a ``predictions.csv`` frame (``lesion_id``
     optional): ``{source: {metric: {"value", "low", "high"}}}``, None where undefined."""
-    check_n_boot(n_boot)
     probs = df[[f"p_{c}" for c in CLASSES]].to_numpy(dtype=float)
     y = df["dx"].map(CLASSES.index).to_numpy()
     group = (df["lesion_id"] if "lesion_id" in df else df["image_id"]).to_numpy()

@@ -25,7 +25,7 @@ from data_pipeline.ham10000 import load_metadata
 from data_pipeline.schema import CLASSES
 from data_pipeline.sources import source_name
 from data_pipeline.splits import REPO_ROOT, SPLITS, attach_splits, file_sha256, load_splits
-from model.bootstrap import bootstrap_intervals, check_n_boot
+from model.bootstrap import LEVEL, bootstrap_intervals, check_n_boot
 from model.calibration import softmax
 from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
 from model.engine import collect_outputs, eval_loader
@@ -154,7 +154,7 @@ def evaluate(
     if bootstrap:
         metrics["intervals"] = {
             "n_boot": bootstrap,
-            "level": 0.95,
+            "level": LEVEL,
             "resampled": "lesions within each source",
             "by_source": bootstrap_intervals(predictions, n_boot=bootstrap),
         }

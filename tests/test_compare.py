@@ -13,12 +13,7 @@ from common.cli import run_cli
 from common.errors import DataError
 from data_pipeline.schema import CLASSES
 from model.bootstrap import bootstrap_intervals
-from model.compare import (
-    PROB_COLUMNS,
-    compare_predictions,
-    load_predictions,
-    pair,
-)
+from model.compare import PROB_COLUMNS, compare_predictions, load_predictions, pair
 from model.metrics import compute_metrics
 from model.scoring import selection_score
 from scripts import compare as compare_cli
