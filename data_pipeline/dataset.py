@@ -79,6 +79,21 @@ def class_sampling_weights(counts: np.ndarray, power: float) -> np.ndarray:
     return weights
 
 
+def share_counts(counts: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
+    """The counts whose ``n ** (1 - power)`` sets each class's sampled share.
+
+    ``reference`` None: the training union's own counts (adding a source of nv / mel / bkl only
+    then shrinks every other class's share). With the primary source's counts as ``reference``,
+    each class keeps the share it has in the primary source, and an extra source only adds
+    variety *within* the classes it shows; a class the primary source lacks keeps its union count.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if reference is None:
+        return counts
+    ref = np.asarray(reference, dtype=np.float64)
+    return np.where(ref > 0, ref, counts)
+
+
 def expected_class_share(counts: np.ndarray, power: float) -> np.ndarray:
     """The class distribution a sampler with this ``power`` draws, in expectation."""
     mass = np.asarray(counts, dtype=np.float64) * class_sampling_weights(counts, power)
@@ -131,14 +146,22 @@ def make_weighted_sampler(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    reference_counts: np.ndarray | None = None,
 ) -> WeightedRandomSampler | DistributedWeightedSampler:
-    """A sampler drawing class c with share ∝ ``n_c ** (1 - power)``: a
+    """A sampler drawing class c with share ∝ ``m_c ** (1 - power)``, ``m`` being
+    :func:`share_counts` (the labels' own counts, or a reference source's): a
     :class:`WeightedRandomSampler` in one process, this rank's
     :class:`DistributedWeightedSampler` share when ``world_size`` > 1."""
     if not 0.0 <= power <= 1.0:
         raise ValueError(f"sampler power must be in [0, 1], got {power}")
     y = np.asarray(labels, dtype=np.int64)
-    per_class = class_sampling_weights(class_counts(y), power)
+    counts = class_counts(y)
+    per_class = class_sampling_weights(counts, power)
+    if reference_counts is not None:
+        m = share_counts(counts, reference_counts)
+        present = counts > 0
+        # share_c / n_c per image: the class draws m_c^(1-power) in total, spread over its images
+        per_class[present] = m[present] ** (1.0 - power) / counts[present]
     if world_size > 1:
         return DistributedWeightedSampler(
             per_class[y].tolist(), num_samples or len(y), rank, world_size, seed=seed

@@ -38,6 +38,7 @@ from data_pipeline.dataset import (
     LesionDataset,
     class_counts,
     make_weighted_sampler,
+    share_counts,
 )
 from data_pipeline.schema import CLASSES
 from data_pipeline.sources import Source, class_masks, load_sources
@@ -84,6 +85,7 @@ class TrainConfig:
     loss_power: float = 0.5
     la_tau: float = 1.0
     source_mask: bool = False
+    class_share: str = "union"
     label_smoothing: float = 0.05
     meta_blank_prob: float = 0.15
     patience: int = 4
@@ -118,6 +120,8 @@ class TrainData:
     counts: np.ndarray
     sources: list[Source]
     split_hash: str
+    #: the counts the sampler's class shares (and the logit-adjusted prior) are computed from
+    share_counts: np.ndarray | None = None
 
 
 @dataclass
@@ -204,8 +208,20 @@ def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
     train_tf = ImageTransform(pre, train=True, aug=cfg.augment())
     train_ds = LesionDataset(train_df, train_tf, blank, cfg.seed + rank, masks=masks)
     n = cfg.epoch_samples or len(train_ds)
+    reference = None
+    if cfg.class_share == "primary":
+        primary = train_df["source"] == sources[0].name
+        reference = class_counts(train_df.loc[primary, "label"].to_numpy())
+    elif cfg.class_share != "union":
+        raise DermError(f"Unknown --class-share {cfg.class_share!r}: use union or primary.")
     sampler = make_weighted_sampler(
-        train_ds.labels, cfg.sampler_power, n, seed=cfg.seed, rank=rank, world_size=world
+        train_ds.labels,
+        cfg.sampler_power,
+        n,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world,
+        reference_counts=reference,
     )
     train = DataLoader(
         train_ds,
@@ -224,7 +240,8 @@ def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
         test=eval_loader(df[df["split"] == "test"], pre, workers=cfg.workers),
         external=external,
     )
-    return TrainData(train, sets, class_counts(train_ds.labels), sources, split_hash)
+    counts = class_counts(train_ds.labels)
+    return TrainData(train, sets, counts, sources, split_hash, share_counts(counts, reference))
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[FusionNet, str]:
@@ -282,10 +299,11 @@ class Trainer:
         # What is validated, selected and shipped: the EMA weights when EMA is on.
         self.evaluated = cast(Network, self.ema.module) if self.ema else self.model
         self.weight, self.offset = None, None
+        shares = data.counts if data.share_counts is None else data.share_counts
         if cfg.loss == "weighted_ce":
-            self.weight = class_weights(data.counts, cfg.sampler_power, cfg.loss_power).to(device)
+            self.weight = class_weights(shares, cfg.sampler_power, cfg.loss_power).to(device)
         elif cfg.loss == "logit_adjusted":
-            prior = sampled_prior(data.counts, cfg.sampler_power)
+            prior = sampled_prior(shares, cfg.sampler_power)
             self.offset = torch.tensor(cfg.la_tau * np.log(prior), dtype=torch.float32).to(device)
         else:
             raise DermError(f"Unknown loss {cfg.loss!r}: use weighted_ce or logit_adjusted.")

@@ -53,6 +53,9 @@ HELP: dict[str, str] = {
     "loss_power": "weighted_ce: class weight ∝ n_c^-power",
     "la_tau": "logit_adjusted: scale of the log-prior offset (Menon et al. 2021)",
     "source_mask": "softmax over the classes each row's source can contain",
+    "class_share": "class shares of the sampler from the training union's counts (union) or "
+    "the primary source's (primary: an extra source without akiec / bcc / df / vasc does not "
+    "shrink their share)",
     "label_smoothing": "label smoothing of the cross-entropy",
     "meta_blank_prob": "per-field probability of blanking age / sex / site to unknown",
     "patience": "early stop after this many epochs without a better selection score",
@@ -65,7 +68,12 @@ HELP: dict[str, str] = {
     "name": "model name in the config (default: the --out folder's name)",
 }
 _SPECIAL = {"data_dir", "out", "use_metadata", "pretrained", "resume", "command"}
-_CHOICES = {"geometry": GEOMETRIES, "color_constancy": COLOR_CONSTANCY, "loss": LOSSES}
+_CHOICES = {
+    "geometry": GEOMETRIES,
+    "color_constancy": COLOR_CONSTANCY,
+    "loss": LOSSES,
+    "class_share": ("union", "primary"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
