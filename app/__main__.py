@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.frontend import PREDICT_CONCURRENCY, QUEUE_SIZE
+from app.ui.common import PREDICT_CONCURRENCY
+from app.ui.demo import QUEUE_SIZE
 from common.cli import run_cli
 from common.errors import DermError
 from common.text import DISCLAIMER
@@ -187,7 +188,7 @@ def launch(
     Gradio 6 catches a failed share tunnel itself (prints "Could not create share link" and
     serves locally); older / newer versions may raise instead, so both are handled here.
     """
-    from app.frontend import CSS
+    from app.ui.demo import CSS
 
     for warning in exposure_warnings(host, share, auth):
         print(warning, flush=True)
@@ -248,7 +249,7 @@ def _share_failed(demo: Any, exc: Exception, kwargs: dict[str, Any]) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from app.frontend import make_frontend
+    from app.ui.demo import build_demo as make_frontend
     from service.prediction import PredictionService
 
     service = PredictionService.create(

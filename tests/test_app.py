@@ -21,9 +21,11 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from sqlalchemy.exc import OperationalError
 
-from app import frontend, views
+from app import views
 from app.__main__ import build_parser, launch, main, parse_auth
-from app.frontend import EXAMPLES_DIR, make_frontend
+from app.ui import history as history_ui
+from app.ui.analyse import EXAMPLES_DIR
+from app.ui.demo import build_demo as make_frontend
 from common.errors import DermError
 from common.text import DISCLAIMER
 from data_pipeline.schema import CLASS_NAMES, CLASSES
@@ -283,8 +285,8 @@ def test_history_filter_table_csv_and_detail(app):
 def test_history_csv_holds_every_row_beyond_the_table(app, monkeypatch):
     while app.service.count() < 5:
         predict(app.client, EXAMPLE)
-    monkeypatch.setattr(frontend, "HISTORY_PAGE", 2)
-    monkeypatch.setattr(frontend, "CSV_PAGE", 2)  # several database pages per export
+    monkeypatch.setattr(history_ui, "HISTORY_PAGE", 2)
+    monkeypatch.setattr(history_ui, "CSV_PAGE", 2)  # several database pages per export
     table, summary, csv_path = app.client.predict("", "", [], 0, "any", "any", api_name="/history")
     total = app.service.count()
     assert len(table["data"]) == 2 and "newest 2 shown, all in the CSV" in summary
@@ -568,7 +570,7 @@ def test_identical_output_images_get_their_own_cache_files():
     from gradio.utils import get_upload_folder
     from PIL import Image
 
-    from app.frontend import output_file
+    from app.ui.common import output_file
 
     rgb = (np.arange(40 * 30 * 3) % 251).astype(np.uint8).reshape(40, 30, 3)
     for kind in ("panel", "chart"):
@@ -589,7 +591,7 @@ def test_served_output_images_are_removed_by_the_cache_clean_up(app):
     from gradio.route_utils import delete_files_created_by_app
     from gradio.utils import get_upload_folder
 
-    from app.frontend import OUTPUT_PREFIX
+    from app.ui.common import OUTPUT_PREFIX
 
     def ours() -> set[Path]:
         return set(Path(get_upload_folder()).glob(f"{OUTPUT_PREFIX}*"))

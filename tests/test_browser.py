@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from app.__main__ import launch
-from app.frontend import EXAMPLES_DIR, make_frontend
+from app.ui.analyse import EXAMPLES_DIR
+from app.ui.demo import build_demo as make_frontend
 from data_pipeline.schema import CLASS_NAMES, CLASSES
 from model.checkpoint import CONFIG_FILE, SHIPPED_DIR
 from service.prediction import PredictionService

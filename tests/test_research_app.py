@@ -20,7 +20,8 @@ from PIL import Image
 
 from app import views
 from app.__main__ import launch
-from app.frontend import EXAMPLES_DIR, make_frontend
+from app.ui.analyse import EXAMPLES_DIR
+from app.ui.demo import build_demo as make_frontend
 from data_pipeline.schema import CLASSES
 from service.prediction import PredictionService
 
