@@ -12,7 +12,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from data_pipeline.schema import CLASSES, META_DIM
+from data_pipeline.schema import HAM7, META_DIM
 from model.pretrained import create_backbone
 
 
@@ -31,7 +31,8 @@ class ModelConfig:
 
     backbone: str = DEFAULT_BACKBONE
     use_metadata: bool = True
-    num_classes: int = len(CLASSES)
+    #: Head size: the length of the checkpoint's class set (HAM10000's 7 by default).
+    num_classes: int = len(HAM7)
     meta_dim: int = META_DIM
     meta_hidden: int = 64
     meta_out: int = 32
@@ -138,6 +139,12 @@ class FusionEnsemble(nn.Module):
             FusionNet(member_cfg, pretrained=pretrained) for _ in range(cfg.members)
         )
         self._dims = [_num_features(m.backbone) for m in self.nets]
+        # Per-class member weights (rows sum to 1 per class): uniform is the plain mean of
+        # logits; fitted on validation they let a generalist and a specialist each speak for the
+        # classes it knows best (scripts.ensemble --class-weights fit).
+        self.register_buffer(
+            "member_weights", torch.full((cfg.members, cfg.num_classes), 1.0 / cfg.members)
+        )
 
     @property
     def nets(self) -> list[FusionNet]:
@@ -160,9 +167,14 @@ class FusionEnsemble(nn.Module):
 
     def head(self, features: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
         parts = torch.split(features, self._dims, dim=1)
-        return torch.stack([m.head(f, meta) for m, f in zip(self.nets, parts, strict=True)]).mean(
-            dim=0
-        )
+        logits = torch.stack([m.head(f, meta) for m, f in zip(self.nets, parts, strict=True)])
+        return (logits * self.member_weights.to(logits.dtype)[:, None, :]).sum(dim=0)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Ensembles saved before per-class weights existed load as the plain mean."""
+        if "member_weights" not in state_dict:
+            state_dict = {**state_dict, "member_weights": self.member_weights.clone()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.image_features(image), meta)

@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="inference framing policy to ship (default: the members')",
     )
+    p.add_argument(
+        "--class-weights",
+        choices=("mean", "fit"),
+        default="mean",
+        help="mean: equal logits; fit (two networks): per-class weights fitted on validation",
+    )
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.threads:
@@ -67,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         external_val=args.external_val,
         geometry=args.geometry,
         command=shlex.join(["python", "-m", "scripts.ensemble", *argv]),
+        class_weights=args.class_weights,
     )
     print(f"wrote {ck.version} to {out}")
     return 0
