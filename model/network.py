@@ -129,6 +129,8 @@ class FusionEnsemble(nn.Module):
     attributions, TTA and the OOD check work unchanged; Grad-CAM sums each member's map.
     """
 
+    member_weights: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, pretrained: bool = False) -> None:
         super().__init__()
         if cfg.members < 2:
