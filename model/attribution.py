@@ -27,19 +27,29 @@ from data_pipeline.schema import FIELD_SLICES, FIELDS, META_DIM, UNKNOWN_VECTOR
 from model.network import FusionNet, Network
 
 
+def _member_scales(model: Network, target: int) -> list[float]:
+    """Each network's weight in the logit of ``target``: an ensemble's member i contributes
+    ``w[i, target]`` times its own logit (uniform for the plain mean, which normalisation
+    cancels), so its map counts that much; a single network: 1."""
+    weights = getattr(model, "member_weights", None)
+    if weights is None:
+        return [1.0] * len(model.cam_targets)
+    return [float(w) for w in weights[:, target].detach().float().cpu()]
+
+
 def gradcam(model: Network, image: torch.Tensor, meta: torch.Tensor, target: int) -> np.ndarray:
     """Grad-CAM heatmap for ``target``, shape (H, W) of ``image``, values in [0, 1].
 
     For an ensemble the maps of every member's last stage are summed (see ``cam_targets``)."""
     model.eval()
     maps = []
-    for net, layer in model.cam_targets:
+    for (net, layer), scale in zip(model.cam_targets, _member_scales(model, target), strict=True):
         cam = LayerGradCam(net, layer)
         with torch.enable_grad():
             attr = cam.attribute(
                 image, target=target, additional_forward_args=(meta,), relu_attributions=True
             )
-        maps.append(attr.detach())
+        maps.append(attr.detach() * scale)
     return _combine(maps, (int(image.shape[-2]), int(image.shape[-1])))
 
 
@@ -64,14 +74,14 @@ def gradcam_from_maps(
     maps = feature_maps[0].detach().float().cpu().numpy()
     total = np.zeros(maps.shape[1:], dtype=np.float32)
     start = 0
-    for module, _ in model.cam_targets:
+    for (module, _), scale in zip(model.cam_targets, _member_scales(model, target), strict=True):
         net = cast(FusionNet, module)
         channels = int(cast(Any, net.backbone).num_features)
         w = net.classifier.weight.detach()[target, :channels].float().cpu().numpy()
         a = maps[start : start + channels]
         start += channels
         alpha = w / float(a.shape[-2] * a.shape[-1])
-        total += np.maximum(np.tensordot(alpha, a, axes=1), 0.0)
+        total += scale * np.maximum(np.tensordot(alpha, a, axes=1), 0.0)
     if start != maps.shape[0]:
         raise ValueError(f"feature maps have {maps.shape[0]} channels, expected {start}")
     grid_h, grid_w = int(maps.shape[-2]), int(maps.shape[-1])
