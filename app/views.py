@@ -738,8 +738,8 @@ RUNTIME_NAMES = {
     "onnx": "ONNX Runtime, float32 (the same probabilities as PyTorch to 1e-4)",
     "torch": "PyTorch, float32 (the reference)",
     "int8": "ONNX Runtime, **int8** (`--runtime int8`): faster on a CPU, but 3–4 % of images get "
-    "another top class than from the float32 model that every metric below describes (README, "
-    "Benchmarks); its predictions are stored as model version `…+int8`",
+    "another top class than from the float32 model that every metric below describes "
+    "(docs/benchmarks.md); its predictions are stored as model version `…+int8`",
 }
 
 

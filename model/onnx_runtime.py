@@ -67,7 +67,7 @@ RUNTIME_ENV = "DERMFUSION_RUNTIME"
 RUNTIME_HELP = (
     "auto: ONNX Runtime (float32) when the checkpoint has a valid export, else PyTorch (default; "
     "or $DERMFUSION_RUNTIME); onnx / int8 / torch force one (int8: the quantised export, "
-    "faster on a CPU but not accuracy-neutral, see the README)"
+    "faster on a CPU but not accuracy-neutral, see docs/benchmarks.md)"
 )
 
 
