@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 from common.errors import DataError, DermError
 from data_pipeline.ham10000 import metadata_matrix
 from data_pipeline.images import load_rgb
-from data_pipeline.schema import CLASSES, FIELDS, blank_fields
+from data_pipeline.schema import FIELDS, HAM7, blank_fields
 from data_pipeline.transforms import ImageTransform
 
 
@@ -62,7 +62,8 @@ class LesionDataset(Dataset):
         return item if self.masks is None else (*item, self.masks[i])
 
 
-def class_counts(labels: Sequence[int] | np.ndarray, n_classes: int = len(CLASSES)) -> np.ndarray:
+def class_counts(labels: Sequence[int] | np.ndarray, n_classes: int = len(HAM7)) -> np.ndarray:
+    """Images per class index; ``n_classes`` is the run's class-set size (absent classes: 0)."""
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)
 
 
@@ -147,6 +148,7 @@ def make_weighted_sampler(
     rank: int = 0,
     world_size: int = 1,
     reference_counts: np.ndarray | None = None,
+    n_classes: int = len(HAM7),
 ) -> WeightedRandomSampler | DistributedWeightedSampler:
     """A sampler drawing class c with share ∝ ``m_c ** (1 - power)``, ``m`` being
     :func:`share_counts` (the labels' own counts, or a reference source's): a
@@ -155,7 +157,7 @@ def make_weighted_sampler(
     if not 0.0 <= power <= 1.0:
         raise ValueError(f"sampler power must be in [0, 1], got {power}")
     y = np.asarray(labels, dtype=np.int64)
-    counts = class_counts(y)
+    counts = class_counts(y, n_classes)
     per_class = class_sampling_weights(counts, power)
     if reference_counts is not None:
         m = share_counts(counts, reference_counts)

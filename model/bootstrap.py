@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import DataError
-from data_pipeline.schema import CLASSES
+from data_pipeline.schema import HAM7, ClassSet
 from model.metrics import compute_metrics
 
 LEVEL = 0.95
@@ -47,11 +47,16 @@ def draws(groups: list[list[np.ndarray]], n_boot: int, seed: int) -> Iterator[li
         yield [np.concatenate([g[j] for j in rng.integers(0, len(g), len(g))]) for g in groups]
 
 
-def reported_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+def reported_metrics(
+    y: np.ndarray, probs: np.ndarray, classes: ClassSet = HAM7
+) -> dict[str, float]:
     """The headline figures of one set (NaN where undefined): balanced accuracy, macro AUC,
-    melanoma AUC / recall / sensitivity at 90 % specificity, malignant-vs-benign AUC."""
-    m = compute_metrics(y, probs, CLASSES)
-    mel, mal, mel_class = m["melanoma"], m["malignant"], m["per_class"]["mel"]
+    melanoma AUC / recall / sensitivity at 90 % specificity (NaN for a class set without
+    melanoma), malignant-vs-benign AUC."""
+    m = compute_metrics(y, probs, classes)
+    mal = m["malignant"]
+    mel = m.get("melanoma") or {"auc": None, "sens_at_spec90": None}
+    mel_class = m["per_class"].get("mel") or {"support": 0}
 
     def value(x: float | None) -> float:
         return np.nan if x is None else float(x)
@@ -85,6 +90,7 @@ def set_intervals(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = LEVEL,
+    classes: ClassSet = HAM7,
 ) -> dict[str, Interval]:
     """Percentile intervals of :func:`reported_metrics` on one set, resampling ``groups``
     (lesion ids; None: each image its own group)."""
@@ -93,25 +99,30 @@ def set_intervals(
     probs = np.asarray(probs, dtype=float)
     group = np.arange(len(y)) if groups is None else np.asarray(groups)
     _, (index,) = group_index(np.zeros(len(y)), group)
-    base = reported_metrics(y, probs)
+    base = reported_metrics(y, probs, classes)
     samples: dict[str, list[float]] = {k: [] for k in base}
     for (i,) in draws([index], n_boot, seed):
-        for k, v in reported_metrics(y[i], probs[i]).items():
+        for k, v in reported_metrics(y[i], probs[i], classes).items():
             samples[k].append(v)
     return {k: _percentile_interval(v, samples[k], level) for k, v in base.items()}
 
 
 def bootstrap_intervals(
-    df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: float = LEVEL
+    df: pd.DataFrame,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = LEVEL,
+    classes: ClassSet = HAM7,
 ) -> dict[str, dict[str, Interval]]:
     """:func:`set_intervals` of every source of a ``predictions.csv`` frame (``lesion_id``
-    optional): ``{source: {metric: {"value", "low", "high"}}}``, None where undefined."""
-    probs = df[[f"p_{c}" for c in CLASSES]].to_numpy(dtype=float)
-    y = df["dx"].map(CLASSES.index).to_numpy()
+    optional; a ``p_<code>`` column per class of ``classes``):
+    ``{source: {metric: {"value", "low", "high"}}}``, None where undefined."""
+    probs = df[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
+    y = df["dx"].map(classes.index).to_numpy()
     group = (df["lesion_id"] if "lesion_id" in df else df["image_id"]).to_numpy()
     source = df["source"].to_numpy()
     out = {}
     for s in dict.fromkeys(source):
         rows = source == s
-        out[s] = set_intervals(y[rows], probs[rows], group[rows], n_boot, seed, level)
+        out[s] = set_intervals(y[rows], probs[rows], group[rows], n_boot, seed, level, classes)
     return out

@@ -1,9 +1,11 @@
 """Self-describing checkpoints: ``model.safetensors`` + ``config.json`` in one folder.
 
 Like timm's ``pretrained_cfg``, the config carries everything needed to use the weights — backbone,
-preprocessing (input size, mean/std), class order and names, metadata vocabulary, temperature —
-plus how the model was made (command, split-file hash) and its metrics. Nothing is re-declared
-by the code that loads it, and loading never unpickles code (safetensors only).
+preprocessing (input size, mean/std), the class set (codes in logit order, names, malignant codes;
+``classes``, plus timm's ``label_names`` / ``label_descriptions``), metadata vocabulary,
+temperature — plus how the model was made (command, split-file hash) and its metrics. Nothing is
+re-declared by the code that loads it, and loading never unpickles code (safetensors only). A
+config without ``classes`` (every model made before class sets existed) predicts HAM10000's 7.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.errors import DermError
-from data_pipeline.schema import check_vocabulary, vocabulary
+from data_pipeline.schema import HAM7, ClassSet, check_vocabulary, vocabulary
 from data_pipeline.transforms import Preprocessing
 from model.network import ModelConfig, Network, build_network
 
@@ -44,7 +46,9 @@ class CheckpointConfig:
     model: ModelConfig
     preprocessing: Preprocessing
     temperature: float = 1.0
-    vocabulary: dict[str, Any] = field(default_factory=vocabulary)
+    #: The classes the network's logits stand for; the vocabulary's class keys follow it.
+    classes: ClassSet = HAM7
+    vocabulary: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     ood: dict[str, Any] = field(default_factory=dict)
@@ -54,6 +58,10 @@ class CheckpointConfig:
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     weights_sha256: str = ""
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.vocabulary:
+            self.vocabulary = vocabulary(self.classes)
 
     @property
     def version(self) -> str:
@@ -69,6 +77,10 @@ class CheckpointConfig:
             "model": self.model.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
             "temperature": self.temperature,
+            "classes": self.classes.to_dict(),
+            # timm's names for the same thing, so timm-style tooling reads the labels too
+            "label_names": list(self.classes.codes),
+            "label_descriptions": self.classes.names_by_code,
             "vocabulary": self.vocabulary,
             "training": self.training,
             "metrics": self.metrics,
@@ -85,6 +97,7 @@ class CheckpointConfig:
             model=ModelConfig.from_dict(d["model"]),
             preprocessing=Preprocessing.from_dict(d["preprocessing"]),
             temperature=float(d["temperature"]),
+            classes=ClassSet.from_dict(d["classes"]) if "classes" in d else HAM7,
             vocabulary=d["vocabulary"],
             training=d.get("training", {}),
             metrics=d.get("metrics", {}),
@@ -161,7 +174,12 @@ def load_config(path: Path | str | None) -> CheckpointConfig:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{folder / CONFIG_FILE} is not valid JSON ({exc}).") from None
     cfg = CheckpointConfig.from_dict(data)
-    check_vocabulary(cfg.vocabulary)
+    check_vocabulary(cfg.vocabulary, cfg.classes)
+    if cfg.model.num_classes != len(cfg.classes):
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE}: the network has {cfg.model.num_classes} outputs but the "
+            f"class set {len(cfg.classes)} classes ({cfg.classes.describe()})."
+        )
     return cfg
 
 

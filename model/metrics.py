@@ -3,6 +3,10 @@
 Balanced accuracy (mean per-class recall) is the headline metric: plain accuracy on HAM10000 is
 dominated by nevi (67 %). Classes absent from a set are reported with support 0 and excluded from
 macro AUC, so an external set without, say, akiec evaluates without crashing.
+
+The classes are the model's :class:`data_pipeline.schema.ClassSet`: melanoma-vs-rest figures are
+reported when it has ``mel``, malignant-vs-benign ones from its malignant codes. A plain sequence
+of codes means HAM10000's codes (malignancy as in :data:`data_pipeline.schema.HAM7`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from data_pipeline.schema import MALIGNANT
+from data_pipeline.schema import HAM7, ClassSet
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -94,13 +98,25 @@ def binary_metrics(positive: np.ndarray, score: np.ndarray) -> dict:
     }
 
 
-def clinical_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
-    """Melanoma-vs-rest and malignant (mel + bcc + akiec)-vs-benign scores: what a screening use
-    cares about, whatever the confusions among the other classes."""
-    idx = {c: i for i, c in enumerate(classes)}
-    malignant = sorted(idx[c] for c in MALIGNANT if c in idx)
+def as_class_set(classes: ClassSet | Sequence[str]) -> ClassSet:
+    """``classes`` as a class set: a plain code sequence takes HAM10000's names and malignancy."""
+    if isinstance(classes, ClassSet):
+        return classes
+    codes = tuple(classes)
+    return ClassSet.build(codes, HAM7.names_by_code, HAM7.malignant & set(codes))
+
+
+def clinical_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: ClassSet | Sequence[str]
+) -> dict:
+    """Melanoma-vs-rest (when the class set has ``mel``) and malignant-vs-benign scores (HAM10000:
+    mel + bcc + akiec): what a screening use cares about, whatever the confusions among the other
+    classes."""
+    cs = as_class_set(classes)
+    idx = {c: i for i, c in enumerate(cs.codes)}
+    malignant = [idx[c] for c in cs.malignant_codes]
     out = {}
-    if "mel" in idx:
+    if cs.has_melanoma:
         out["melanoma"] = binary_metrics(y_true == idx["mel"], probs[:, idx["mel"]])
     out["malignant"] = binary_metrics(np.isin(y_true, malignant), probs[:, malignant].sum(axis=1))
     return out
@@ -111,7 +127,7 @@ def _safe_div(a: float, b: float) -> float:
 
 
 def compute_metrics(
-    labels: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str]
+    labels: Sequence[int] | np.ndarray, probs: np.ndarray, classes: ClassSet | Sequence[str]
 ) -> dict:
     """All metrics reported by evaluation and stored in checkpoints (JSON-serialisable)."""
     y_true = np.asarray(labels, dtype=np.int64)

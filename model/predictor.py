@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.errors import MetadataError
 from data_pipeline.images import ImageSource
 from data_pipeline.request import PredictionRequest
-from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT, Metadata
+from data_pipeline.schema import HAM7, ClassSet, Metadata, remember_classes
 from data_pipeline.transforms import ImageTransform, model_view
 from model.attribution import (
     gradcam,
@@ -45,7 +46,8 @@ MALIGNANT_FLAG = 0.2
 
 @dataclass
 class Prediction:
-    """One prediction; probabilities are temperature-calibrated and in :data:`CLASSES` order."""
+    """One prediction; probabilities are temperature-calibrated and in the model's class order
+    (``classes``, from its checkpoint)."""
 
     probabilities: dict[str, float]
     metadata: Metadata
@@ -59,6 +61,7 @@ class Prediction:
     ood_distance: float | None = None
     ood_threshold: float | None = None
     warnings: list[str] = field(default_factory=list)
+    classes: ClassSet = HAM7
 
     @property
     def ranked(self) -> list[tuple[str, float]]:
@@ -78,14 +81,14 @@ class Prediction:
         return [
             c
             for c, p in self.ranked
-            if c in MALIGNANT and (p >= MALIGNANT_FLAG or c == self.top_class)
+            if c in self.classes.malignant and (p >= MALIGNANT_FLAG or c == self.top_class)
         ]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (no arrays)."""
         return {
             "top_class": self.top_class,
-            "top_class_name": CLASS_NAMES[self.top_class],
+            "top_class_name": self.classes.name(self.top_class),
             "top_probability": self.top_probability,
             "probabilities": dict(self.ranked),
             "metadata": self.metadata.as_dict(),
@@ -122,6 +125,9 @@ class Predictor:
         self.transform = ImageTransform(config.preprocessing, train=False)
         self.ood = FeatureDistance.from_checkpoint(folder, config.ood)
         self.engine = engine if self.device.type == "cpu" else None
+        # stored rows keep class codes only: remember the names for the history of this model
+        remember_classes(config.version, config.classes)
+        remember_classes(self.version, config.classes)
         self._linear_cam = supports_linear_cam(model)
         # Captum's LayerGradCam hooks the shared module, so while it runs *any* other PyTorch
         # forward through that module (another request's) would overwrite the activation it
@@ -163,6 +169,11 @@ class Predictor:
     def uses_metadata(self) -> bool:
         return self.config.model.use_metadata
 
+    @property
+    def classes(self) -> ClassSet:
+        """The class set the checkpoint predicts (codes in logit order, names, malignant)."""
+        return self.config.classes
+
     def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         """Frame a decoded image as the checkpoint says → (RGB shown to users, model batch)."""
         shown = model_view(rgb, self.config.preprocessing)
@@ -190,6 +201,11 @@ class Predictor:
             return self._predict(request, explain, tta)
 
     def _predict(self, request: PredictionRequest, explain: bool, tta: bool) -> Prediction:
+        if request.target is not None and request.target not in self.classes:
+            raise MetadataError(
+                f"Unknown explanation target {request.target!r}: this model predicts "
+                f"{', '.join(self.classes.codes)}."
+            )
         t0 = time.perf_counter()
         rgb, x = self.preprocess(request.rgb)
         m = torch.as_tensor(request.metadata.encode(), device=self.device)[None]
@@ -210,15 +226,16 @@ class Predictor:
                 )
             probs = torch.softmax(logits / temperature, dim=1)[0].cpu().numpy()
         pred = Prediction(
-            probabilities={c: float(p) for c, p in zip(CLASSES, probs, strict=True)},
+            probabilities={c: float(p) for c, p in zip(self.classes, probs, strict=True)},
             metadata=request.metadata,
             model_version=self.version,
             image=rgb,
+            classes=self.classes,
         )
         self._check_reliability(pred, features)
         if explain:
-            tgt = CLASSES.index(request.target) if request.target else int(np.argmax(probs))
-            pred.attribution_target = CLASSES[tgt]
+            tgt = self.classes.index(request.target) if request.target else int(np.argmax(probs))
+            pred.attribution_target = self.classes.codes[tgt]
             pred.metadata_contributions = metadata_contributions(
                 self.model, features, m, tgt, temperature
             )

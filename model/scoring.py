@@ -4,7 +4,9 @@ calibrate-and-score step shared by training and ensembling.
 **Selection rule** (fixed before any test-split number was looked at): every validation set —
 HAM10000's lesion-grouped val split and each external validation set — gets the score
 ``(balanced accuracy + melanoma-vs-rest AUC) / 2`` (macro AUC where a set has no melanoma), and
-the selection score is the **mean over the validation sets**. Epochs and candidate models are
+the selection score is the **mean over the validation sets**. A model whose class set has no
+``mel`` class (e.g. a publisher's benign / malignant classes) uses the malignant-vs-benign AUC in
+place of the melanoma AUC. Epochs and candidate models are
 chosen by it; the test split is never used to choose anything. Balanced accuracy keeps all seven
 classes honest on HAM10000; the external term rewards a model that still finds melanoma on
 dermoscopy from other clinics.
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data_pipeline.schema import CLASSES
+from data_pipeline.schema import HAM7, MELANOMA, ClassSet
 from model.bootstrap import LEVEL, set_intervals
 from model.calibration import fit_temperature, softmax
 from model.checkpoint import CheckpointConfig
@@ -38,6 +40,16 @@ SELECTION_RULE = (
     "mean over validation sets (HAM10000 val + each external val) of "
     "(balanced accuracy + melanoma AUC) / 2"
 )
+#: The rule for a class set without ``mel``.
+SELECTION_RULE_NO_MELANOMA = (
+    "mean over validation sets (primary val + each external val) of "
+    "(balanced accuracy + malignant-vs-benign AUC) / 2 (the class set has no melanoma class)"
+)
+
+
+def selection_rule(classes: ClassSet) -> str:
+    """The selection rule, in words, for a model of this class set (stored in its config)."""
+    return SELECTION_RULE if classes.has_melanoma else SELECTION_RULE_NO_MELANOMA
 
 
 @dataclass
@@ -54,8 +66,9 @@ class EvalSets:
 
 
 def set_score(metrics: dict) -> float:
-    """One validation set's contribution to the selection score."""
-    auc = (metrics.get("melanoma") or {}).get("auc")
+    """One validation set's contribution to the selection score (see :func:`selection_rule`)."""
+    key = "melanoma" if MELANOMA in metrics.get("classes", HAM7.codes) else "malignant"
+    auc = (metrics.get(key) or {}).get("auc")
     if auc is None:
         auc = metrics["macro_auc"] or 0.0
     return 0.5 * (metrics["balanced_accuracy"] + auc)
@@ -67,13 +80,17 @@ def selection_score(per_set: Mapping[str, dict]) -> float:
 
 
 def validate(
-    model: Network, sets: EvalSets, device: torch.device | str, temperature: float = 1.0
+    model: Network,
+    sets: EvalSets,
+    device: torch.device | str,
+    temperature: float = 1.0,
+    classes: ClassSet = HAM7,
 ) -> dict[str, dict]:
     """Metrics of every validation set, keyed ``val`` and by external source name."""
     out = {}
     for name, loader in sets.validation().items():
         logits, labels = collect_logits(model, loader, device)
-        out[name] = compute_metrics(labels, softmax(logits, temperature), CLASSES)
+        out[name] = compute_metrics(labels, softmax(logits, temperature), classes)
     return out
 
 
@@ -100,7 +117,7 @@ def calibrate_and_score(
     if sets.test is not None:
         z, y = collect_logits(model, sets.test, device)
         probs["test"] = (softmax(z, ck.temperature), y)
-    scored = {name: compute_metrics(y, p, CLASSES) for name, (p, y) in probs.items()}
+    scored = {name: compute_metrics(y, p, ck.classes) for name, (p, y) in probs.items()}
     test = scored.pop("test", None)
     ck.metrics = {"val": scored.pop("val"), "external": scored}
     ck.metrics["selection_score"] = selection_score({"val": ck.metrics["val"], **scored})
@@ -114,7 +131,8 @@ def calibrate_and_score(
             "level": LEVEL,
             "resampled": "lesions",
             "sets": {
-                name: set_intervals(y, p, lesions[name], n_boot) for name, (p, y) in probs.items()
+                name: set_intervals(y, p, lesions[name], n_boot, classes=ck.classes)
+                for name, (p, y) in probs.items()
             },
         }
     print(f"temperature {ck.temperature:.3f}", flush=True)

@@ -7,14 +7,18 @@ may be ``other`` (a lesion outside the model's 7 classes) and only cover part of
 question is "how often did the model's top class agree with the confirmed diagnosis on *our*
 patients". The counting reuses :func:`model.metrics.confusion_matrix`.
 
+The classes are the model's (:func:`classes_for`): HAM10000's 7 for the shipped model and every
+row made before class sets existed, else the loaded model's class set for its model version (or,
+for a model not loaded here, the codes its rows use).
+
 Definitions (rows with a confirmed diagnosis only):
 
-- confusion matrix: rows = confirmed diagnosis (7 classes + ``other``), columns = top class;
+- confusion matrix: rows = confirmed diagnosis (the classes + ``other``), columns = top class;
 - sensitivity of class c: confirmed c and predicted c / confirmed c;
 - PPV of class c: confirmed c and predicted c / predicted c (a lesion confirmed ``other`` counts
   against the class it was predicted as);
-- balanced accuracy: the mean sensitivity over the 7 classes with at least one confirmed case;
-- melanoma sensitivity: the sensitivity of ``mel``.
+- balanced accuracy: the mean sensitivity over the classes with at least one confirmed case;
+- melanoma sensitivity: the sensitivity of ``mel`` (None for a class set without it).
 """
 
 from __future__ import annotations
@@ -25,14 +29,39 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.schema import CLASSES
+from data_pipeline.schema import CLASSES, MELANOMA, classes_of, known_codes
 from db.models import OTHER
 from db.queries import HistoryFilter, confirmed_pairs, count_by_model_version
 from db.session import Database
 from model.metrics import confusion_matrix
 
-#: Rows of the confusion matrix: the confirmed diagnosis.
-CONFIRMED_LABELS: tuple[str, ...] = (*CLASSES, OTHER)
+
+def confirmed_labels(classes: Sequence[str]) -> tuple[str, ...]:
+    """Rows of the confusion matrix: the confirmed diagnosis (a class, or ``other``)."""
+    return tuple(classes) if OTHER in classes else (*classes, OTHER)
+
+
+#: :func:`confirmed_labels` of HAM10000's classes.
+CONFIRMED_LABELS: tuple[str, ...] = confirmed_labels(CLASSES)
+
+
+def classes_for(
+    pairs: Sequence[tuple[str, str]], model_versions: Sequence[str | None] = ()
+) -> tuple[str, ...]:
+    """The class codes an agreement is over: HAM10000's when every code of ``pairs`` is one,
+    else the class sets of the given model versions loaded here (in order), then any other
+    code the rows use."""
+    used = dict.fromkeys(c for pair in pairs for c in pair if c != OTHER)
+    if set(used) <= set(CLASSES):
+        return CLASSES
+    codes: dict[str, None] = {}
+    for version in model_versions:
+        own = classes_of(version)
+        if own is not None:
+            codes.update(dict.fromkeys(own.codes))
+    order = {c: i for i, c in enumerate(known_codes())}
+    codes.update(dict.fromkeys(sorted(set(used) - set(codes), key=lambda c: order.get(c, 1e9))))
+    return tuple(codes)
 
 
 @dataclass
@@ -49,13 +78,19 @@ class Agreement:
     accuracy: float | None  # top class == confirmed diagnosis
     melanoma_sensitivity: float | None
     by_model_version: dict[str, Agreement] = field(default_factory=dict)
+    #: The predicted classes (columns), in the model's order.
+    classes: tuple[str, ...] = CLASSES
+
+    @property
+    def confirmed_labels(self) -> tuple[str, ...]:
+        return confirmed_labels(self.classes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "n_predictions": self.n_predictions,
             "n_confirmed": self.n_confirmed,
-            "labels_confirmed": list(CONFIRMED_LABELS),
-            "labels_predicted": list(CLASSES),
+            "labels_confirmed": list(self.confirmed_labels),
+            "labels_predicted": list(self.classes),
             "confusion_matrix": self.confusion,
             "sensitivity": self.sensitivity,
             "ppv": self.ppv,
@@ -72,17 +107,22 @@ def _ratio(a: int, b: int) -> float | None:
 
 
 def compute_agreement(
-    pairs: Sequence[tuple[str, str]], n_predictions: int | None = None
+    pairs: Sequence[tuple[str, str]],
+    n_predictions: int | None = None,
+    classes: Sequence[str] | None = None,
 ) -> Agreement:
-    """Agreement from ``(predicted_class, confirmed_dx)`` pairs."""
-    labels = {c: i for i, c in enumerate(CONFIRMED_LABELS)}
-    true = np.array([labels[c] for _, c in pairs], dtype=np.int64)
+    """Agreement from ``(predicted_class, confirmed_dx)`` pairs over ``classes`` (None:
+    :func:`classes_for` the pairs)."""
+    classes = tuple(classes_for(pairs) if classes is None else classes)
+    rows = confirmed_labels(classes)
+    labels = {c: i for i, c in enumerate(rows)}
+    true = np.array([labels.get(c, labels[OTHER]) for _, c in pairs], dtype=np.int64)
     pred = np.array([labels[p] for p, _ in pairs], dtype=np.int64)
-    cm = confusion_matrix(true, pred, len(CONFIRMED_LABELS))[:, : len(CLASSES)]
+    cm = confusion_matrix(true, pred, len(rows))[:, : len(classes)]
     support = cm.sum(axis=1)
     predicted = cm.sum(axis=0)
-    sens = {c: _ratio(int(cm[i, i]), int(support[i])) for i, c in enumerate(CLASSES)}
-    ppv = {c: _ratio(int(cm[i, i]), int(predicted[i])) for i, c in enumerate(CLASSES)}
+    sens = {c: _ratio(int(cm[i, i]), int(support[i])) for i, c in enumerate(classes)}
+    ppv = {c: _ratio(int(cm[i, i]), int(predicted[i])) for i, c in enumerate(classes)}
     present = [s for s in sens.values() if s is not None]
     return Agreement(
         n_predictions=len(pairs) if n_predictions is None else n_predictions,
@@ -90,10 +130,11 @@ def compute_agreement(
         confusion=cm.tolist(),
         sensitivity=sens,
         ppv=ppv,
-        support={c: int(support[i]) for i, c in enumerate(CONFIRMED_LABELS)},
+        support={c: int(support[i]) for i, c in enumerate(rows)},
         balanced_accuracy=float(np.mean(present)) if present else None,
-        accuracy=_ratio(int(np.trace(cm[: len(CLASSES)])), len(pairs)),
-        melanoma_sensitivity=sens["mel"],
+        accuracy=_ratio(int(np.trace(cm[: len(classes)])), len(pairs)),
+        melanoma_sensitivity=sens.get(MELANOMA),
+        classes=classes,
     )
 
 
@@ -102,11 +143,12 @@ def agreement_for(db: Database, f: HistoryFilter | None = None) -> Agreement:
     with db.session() as session:
         rows = confirmed_pairs(session, f)
         totals = count_by_model_version(session, f)
-    out = compute_agreement([(p, c) for p, c, _ in rows], sum(totals.values()))
-    out.by_model_version = {
-        v: compute_agreement([(p, c) for p, c, w in rows if w == v], totals.get(v, 0))
-        for v in sorted({v for _, _, v in rows})
-    }
+    versions = sorted({v for _, _, v in rows})
+    pairs = [(p, c) for p, c, _ in rows]
+    out = compute_agreement(pairs, sum(totals.values()), classes_for(pairs, versions))
+    for v in versions:
+        own = [(p, c) for p, c, w in rows if w == v]
+        out.by_model_version[v] = compute_agreement(own, totals.get(v, 0), classes_for(own, [v]))
     return out
 
 
@@ -127,19 +169,28 @@ def summary_lines(a: Agreement) -> list[str]:
             f"Balanced accuracy (mean sensitivity over confirmed classes): "
             f"{_pct(a.balanced_accuracy)}",
             f"Top class = confirmed diagnosis: {_pct(a.accuracy)}",
-            f"Melanoma sensitivity: {_pct(a.melanoma_sensitivity)} "
-            f"({a.support.get('mel', 0)} confirmed melanoma"
-            f"{'' if a.support.get('mel', 0) == 1 else 's'})",
         ]
+        if MELANOMA in a.classes:
+            lines.append(
+                f"Melanoma sensitivity: {_pct(a.melanoma_sensitivity)} "
+                f"({a.support.get('mel', 0)} confirmed melanoma"
+                f"{'' if a.support.get('mel', 0) == 1 else 's'})"
+            )
     return lines
 
 
+def confusion_headers(a: Agreement) -> list[str]:
+    """Headers of :func:`confusion_rows`: ``confirmed``, the predicted classes, ``total``."""
+    return ["confirmed", *a.classes, "total"]
+
+
+#: :func:`confusion_headers` of an agreement over HAM10000's classes.
 CONFUSION_HEADERS = ["confirmed", *CLASSES, "total"]
 
 
 def confusion_rows(a: Agreement) -> list[list[Any]]:
     return [
-        [label, *row, sum(row)] for label, row in zip(CONFIRMED_LABELS, a.confusion, strict=True)
+        [label, *row, sum(row)] for label, row in zip(a.confirmed_labels, a.confusion, strict=True)
     ]
 
 
@@ -150,7 +201,7 @@ def per_class_rows(a: Agreement) -> list[list[Any]]:
     predicted = [sum(col) for col in zip(*a.confusion, strict=True)] if a.confusion else []
     return [
         [c, a.support[c], predicted[i] if predicted else 0, _pct(a.sensitivity[c]), _pct(a.ppv[c])]
-        for i, c in enumerate(CLASSES)
+        for i, c in enumerate(a.classes)
     ]
 
 
