@@ -5,22 +5,36 @@ Accepted layouts (``image_id`` + ``.jpg``/``.jpeg``/``.png`` is looked up in eac
 * flat: ``DIR/images/ISIC_0024306.jpg`` (or the images directly in ``DIR``),
 * original Kaggle / Harvard Dataverse: ``DIR/HAM10000_images_part_1/`` and ``..._part_2/``.
 
+A folder written by :mod:`data_pipeline.importers` is the same format plus optional columns —
+``patient_id`` (grouped splits keep a patient's images together), ``split`` (the publisher's
+official train / val / test), ``source_label`` (the publisher's own diagnosis) — and a
+``dataset.json`` manifest (:func:`read_manifest`) whose ``classes`` name the folder's class set
+when it is not HAM10000's (an import with ``--classes native``).
+
 Every problem is reported as a :class:`DataError` naming the file, CSV line or column.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from common.errors import DataError, DermError
 from data_pipeline.images import load_rgb
-from data_pipeline.schema import CLASSES, Metadata
+from data_pipeline.schema import HAM7, ClassSet, Metadata
 
 METADATA_FILENAME = "HAM10000_metadata.csv"
+#: The dataset manifest an import writes beside the CSV; its ``classes`` list
+#: (``[{code, name, malignant}]``, label order) declares a class set other than HAM10000's.
+MANIFEST_FILENAME = "dataset.json"
 REQUIRED_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx")
+#: Optional columns of an imported folder, read as strings ('' when blank).
+OPTIONAL_COLUMNS: tuple[str, ...] = ("patient_id", "split", "source_label")
+SPLIT_VALUES: tuple[str, ...] = ("train", "val", "test")
 #: Missing metadata columns are allowed (treated as unknown) so external sets without them work.
 METADATA_COLUMNS: tuple[str, ...] = ("age", "sex", "localization")
 IMAGE_DIRS: tuple[str, ...] = ("images", "HAM10000_images_part_1", "HAM10000_images_part_2", ".")
@@ -45,6 +59,37 @@ def find_metadata_csv(data_dir: Path) -> Path:
     )
 
 
+def declared_classes(data_dir: Path | str) -> ClassSet | None:
+    """The class set a folder's ``dataset.json`` declares (``classes: [{code, name,
+    malignant}]`` in label order), None when it declares none."""
+    entries = (read_manifest(data_dir) or {}).get("classes")
+    if not entries:
+        return None
+    try:
+        return ClassSet.from_entries(entries)
+    except DermError as exc:
+        raise DataError(f"{Path(data_dir) / MANIFEST_FILENAME}: {exc}") from None
+
+
+def folder_classes(data_dir: Path | str) -> ClassSet:
+    """A folder's class set: its ``dataset.json`` ``classes`` list, else HAM10000's 7."""
+    return declared_classes(data_dir) or HAM7
+
+
+def read_manifest(data_dir: Path | str) -> dict[str, Any] | None:
+    """The folder's ``dataset.json`` (None for a plain HAM10000 folder)."""
+    path = Path(data_dir) / MANIFEST_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}).") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: expected a JSON object.")
+    return manifest
+
+
 def index_images(data_dir: Path) -> dict[str, Path]:
     """Map image stem -> path over the supported layouts (first layout wins on duplicates)."""
     index: dict[str, Path] = {}
@@ -63,8 +108,13 @@ def _csv_line(row_index: int) -> int:
     return int(row_index) + 2
 
 
-def load_metadata(data_dir: Path | str, csv_path: Path | str | None = None) -> pd.DataFrame:
+def load_metadata(
+    data_dir: Path | str, csv_path: Path | str | None = None, classes: ClassSet | None = None
+) -> pd.DataFrame:
     """Load and validate the metadata table; adds ``path``, ``label`` and normalised metadata.
+
+    ``label`` is the index of ``dx`` in ``classes`` (a model's or a training run's class set;
+    None: the folder's own, :func:`folder_classes`); a dx outside it is refused.
 
     Returned columns: ``lesion_id, image_id, dx, label, age, sex, localization, path`` (+ any
     others from the CSV). ``age`` is float with NaN for unknown; ``sex`` / ``localization`` use the
@@ -73,7 +123,9 @@ def load_metadata(data_dir: Path | str, csv_path: Path | str | None = None) -> p
     data_dir = Path(data_dir)
     csv = Path(csv_path) if csv_path else find_metadata_csv(data_dir)
     try:
-        df = pd.read_csv(csv, dtype={"lesion_id": str, "image_id": str, "dx": str})
+        df = pd.read_csv(
+            csv, dtype={c: str for c in ("lesion_id", "image_id", "dx", *OPTIONAL_COLUMNS)}
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{csv}: not a readable CSV ({exc}).") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -91,13 +143,19 @@ def load_metadata(data_dir: Path | str, csv_path: Path | str | None = None) -> p
             raise DataError(f"{csv}, line {_csv_line(i)}: column {col!r} is empty.")
         df[col] = df[col].astype(str).str.strip()
     df["dx"] = df["dx"].str.lower()
-    bad_dx = ~df["dx"].isin(CLASSES)
+    cs = folder_classes(data_dir) if classes is None else classes
+    bad_dx = ~df["dx"].isin(cs.codes)
     if bad_dx.any():
         i = int(bad_dx.to_numpy().nonzero()[0][0])
+        hint = ""
+        if cs == HAM7 and declared_classes(data_dir) is None:
+            hint = f"; another class set needs a {MANIFEST_FILENAME} 'classes' list"
         raise DataError(
             f"{csv}, line {_csv_line(i)}: unknown dx {df['dx'].iloc[i]!r} "
-            f"(expected one of {', '.join(CLASSES)}); {int(bad_dx.sum())} row(s) affected."
+            f"(expected one of {', '.join(cs.codes)}); {int(bad_dx.sum())} row(s) affected"
+            f"{hint}."
         )
+    _check_optional_columns(df, csv)
     dup = df["image_id"].duplicated()
     if dup.any():
         i = int(dup.to_numpy().nonzero()[0][0])
@@ -120,7 +178,7 @@ def load_metadata(data_dir: Path | str, csv_path: Path | str | None = None) -> p
         sites.append(meta.site)
     df["age"] = pd.Series(ages, dtype="float64", index=df.index)
     df["sex"], df["localization"] = sexes, sites
-    df["label"] = df["dx"].map({c: i for i, c in enumerate(CLASSES)}).astype(int)
+    df["label"] = df["dx"].map({c: i for i, c in enumerate(cs.codes)}).astype(int)
 
     index = index_images(data_dir)
     paths = df["image_id"].map(index)
@@ -134,6 +192,22 @@ def load_metadata(data_dir: Path | str, csv_path: Path | str | None = None) -> p
         )
     df["path"] = paths.map(str)
     return df.reset_index(drop=True)
+
+
+def _check_optional_columns(df: pd.DataFrame, csv: Path) -> None:
+    """``patient_id`` / ``split`` / ``source_label`` as stripped strings; a ``split`` column (an
+    imported folder's official split) must hold train / val / test on every row."""
+    for col in OPTIONAL_COLUMNS:
+        if col in df.columns:
+            df[col] = df[col].fillna("").astype(str).str.strip()
+    if "split" in df.columns:
+        bad = ~df["split"].isin(SPLIT_VALUES)
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            raise DataError(
+                f"{csv}, line {_csv_line(i)}: split {df['split'].iloc[i]!r} is not one of "
+                f"{', '.join(SPLIT_VALUES)}; {int(bad.sum())} row(s) affected."
+            )
 
 
 def verify_images(df: pd.DataFrame) -> None:

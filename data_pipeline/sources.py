@@ -2,10 +2,15 @@
 
 Roles:
 
-* the **primary** folder (HAM10000) keeps its committed lesion-grouped split: train / val / test;
-* an **extra training** source goes wholly to training (split ``train``);
+* the **primary** folder keeps its split: train / val / test — HAM10000 the committed
+  lesion-grouped one, an imported folder its official ``split`` column, any other folder a
+  lesion- and patient-grouped split made and saved for it (:func:`data_pipeline.splits.
+  primary_split`);
+* an **extra training** source goes wholly to training (split ``train``) — only its ``train``
+  rows when it has an official split, so its val / test stay held out;
 * an **external validation** set never trains (split ``external``): it is scored every epoch and
-  used, with HAM10000's val, to select the model.
+  used, with the primary's val, to select the model — only its ``val`` rows when it has an
+  official split (selection never sees a test part).
 
 An image id found both in an external set and anywhere in training, or in an extra source and in
 the primary's val / test, is refused: either would leak held-out images into training. Every source
@@ -15,7 +20,7 @@ is recorded (role, CSV hash, class counts, citation) so the checkpoint says what
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +28,15 @@ import numpy as np
 import pandas as pd
 
 from common.errors import DataError
-from data_pipeline.ham10000 import find_metadata_csv, load_metadata
-from data_pipeline.schema import CLASSES
-from data_pipeline.splits import file_sha256, load_or_make_splits
+from data_pipeline.ham10000 import (
+    declared_classes,
+    find_metadata_csv,
+    folder_classes,
+    load_metadata,
+    read_manifest,
+)
+from data_pipeline.schema import ClassSet
+from data_pipeline.splits import file_sha256, primary_split
 
 ROLES: tuple[str, ...] = ("primary", "train", "external_val")
 #: Folder names too generic to name a source on their own (``isic2017/train`` → ``isic2017-train``).
@@ -43,11 +54,14 @@ class Source:
     n_images: int
     class_counts: dict[str, int] = field(default_factory=dict)
     citation: str = ""
+    #: the primary's split: a split CSV, or the folder's own CSV when it has a split column
+    split_file: str = ""
 
     @property
     def classes(self) -> tuple[str, ...]:
-        """The classes this source can contain (those with at least one image)."""
-        return tuple(c for c in CLASSES if self.class_counts.get(c, 0) > 0)
+        """The classes this source can contain (those with at least one image), in the run's
+        class order (``class_counts`` holds every class of the run)."""
+        return tuple(c for c, n in self.class_counts.items() if n > 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,8 +74,12 @@ def source_name(path: Path | str) -> str:
 
 
 def read_citation(folder: Path | str) -> str:
-    """The ``Source:`` paragraph of the folder's README, or of its parent's (``isic2017/train``
-    is described by ``isic2017/README.md``); cited in model cards."""
+    """The citation of an imported folder's ``dataset.json``, else the ``Source:`` paragraph of
+    the folder's README, or of its parent's (``isic2017/train`` is described by
+    ``isic2017/README.md``); cited in model cards."""
+    manifest = read_manifest(folder)
+    if manifest and str(manifest.get("citation") or "").strip():
+        return str(manifest["citation"]).strip()
     for readme in (Path(folder) / "README.md", Path(folder).resolve().parent / "README.md"):
         if readme.is_file():
             text = _source_paragraph(readme.read_text(errors="replace").splitlines())
@@ -82,7 +100,7 @@ def _source_paragraph(lines: list[str]) -> str:
     return ""
 
 
-def _describe(df: pd.DataFrame, folder: Path, role: str, name: str) -> Source:
+def _describe(df: pd.DataFrame, folder: Path, role: str, name: str, classes: ClassSet) -> Source:
     counts = df["dx"].value_counts()
     return Source(
         name=name,
@@ -90,7 +108,7 @@ def _describe(df: pd.DataFrame, folder: Path, role: str, name: str) -> Source:
         path=str(folder),
         csv_sha256=file_sha256(find_metadata_csv(folder)),
         n_images=len(df),
-        class_counts={c: int(counts.get(c, 0)) for c in CLASSES},
+        class_counts={c: int(counts.get(c, 0)) for c in classes},
         citation=read_citation(folder),
     )
 
@@ -118,16 +136,28 @@ def load_sources(
     extra_train: Sequence[Path | str] = (),
     external_val: Sequence[Path | str] = (),
     seed: int = 42,
+    classes: ClassSet | None = None,
 ) -> tuple[pd.DataFrame, list[Source], str]:
     """All sources in one table with ``source`` and ``split`` columns.
 
     Returns ``(table, sources, split_sha256)``; ``split`` is train / val / test for the primary,
-    train for extra sources and ``external`` for external validation sets.
+    train for extra sources and ``external`` for external validation sets. Labels index
+    ``classes`` (None: the primary folder's class set, see
+    :func:`data_pipeline.ham10000.folder_classes`); another folder declaring a different class
+    set is refused.
     """
     primary = Path(data_dir)
-    df, split_hash = load_or_make_splits(load_metadata(primary), splits_path, seed=seed)
+    classes = folder_classes(primary) if classes is None else classes
+    df, split_hash, split_file = primary_split(
+        load_metadata(primary, classes=classes),
+        primary,
+        find_metadata_csv(primary),
+        splits_path,
+        seed=seed,
+    )
     frames = [df.assign(source=source_name(primary))]
-    sources = [_describe(df, primary, "primary", source_name(primary))]
+    described = _describe(df, primary, "primary", source_name(primary), classes)
+    sources = [replace(described, split_file=str(split_file))]
     for role, folders, split in (
         ("train", extra_train, "train"),
         ("external_val", external_val, "external"),
@@ -136,12 +166,31 @@ def load_sources(
             name = source_name(folder)
             if any(s.name == name for s in sources):
                 raise DataError(f"Two data folders are both named {name!r}: {folder}.")
-            extra = load_metadata(folder).assign(split=split, source=name)
+            own = declared_classes(folder)
+            if own is not None and own.codes != classes.codes:
+                raise DataError(
+                    f"{folder} declares the classes {', '.join(own.codes)}; every source of a "
+                    f"run must share the primary's ({', '.join(classes.codes)})."
+                )
+            extra = _held_rows(load_metadata(folder, classes=classes), folder, split)
+            extra = extra.assign(split=split, source=name)
             frames.append(extra)
-            sources.append(_describe(extra, folder, role, name))
+            sources.append(_describe(extra, folder, role, name, classes))
     table = pd.concat(frames, ignore_index=True)
     _check_no_leak(table)
     return table, sources, split_hash
+
+
+def _held_rows(df: pd.DataFrame, folder: Path, role_split: str) -> pd.DataFrame:
+    """An extra source's rows for its role: with an official split, only its ``train`` rows
+    train and only its ``val`` rows select; without one, all of it."""
+    if "split" not in df.columns:
+        return df
+    part = "train" if role_split == "train" else "val"
+    rows = df[df["split"] == part]
+    if rows.empty:
+        raise DataError(f"{folder} has an official split but no {part!r} rows to use here.")
+    return rows
 
 
 def class_masks(table: pd.DataFrame, sources: Sequence[Source]) -> np.ndarray:
@@ -150,9 +199,10 @@ def class_masks(table: pd.DataFrame, sources: Sequence[Source]) -> np.ndarray:
     A source that never shows akiec / bcc / df / vasc (ISIC 2017) must not teach the model that
     those classes are rare: the training loss renormalises each row over its source's classes.
     """
-    allowed = {s.name: np.array([c in s.classes for c in CLASSES]) for s in sources}
+    codes = list(sources[0].class_counts)  # every source counts the run's classes, in order
+    allowed = {s.name: np.array([c in s.classes for c in codes]) for s in sources}
     return (
         np.stack([allowed[name] for name in table["source"]])
         if len(table)
-        else np.zeros((0, len(CLASSES)), dtype=bool)
+        else np.zeros((0, len(codes)), dtype=bool)
     )

@@ -1,14 +1,22 @@
-"""Lesion-grouped, class-stratified train / val / test splits, stored as CSV.
+"""Lesion- (and patient-) grouped, class-stratified train / val / test splits, stored as CSV.
 
 HAM10000 holds several images of many lesions; putting images of one lesion on both sides of a
 split inflates test scores (the leak in the project's seed notebooks). Splits are therefore made
 over ``lesion_id`` groups with scikit-learn's :class:`StratifiedGroupKFold`, seeded, and written to
-a CSV whose SHA-256 is stored in every checkpoint so a run can be repeated exactly.
+a CSV whose SHA-256 is stored in every checkpoint so a run can be repeated exactly. A folder with
+a ``patient_id`` column (ISIC 2020, PAD-UFES-20, an imported clinic) is grouped by lesion *and*
+patient: lesions of one patient never straddle a split either (:func:`split_groups`).
+
+Which split a folder uses (:func:`primary_split` for training, :func:`select_split` for
+evaluation): a ``split`` column in its CSV (a publisher's official split, kept by the importers),
+else a split file — the committed HAM10000 one when it covers the folder, else one made for the
+folder and saved under ``splits/`` (named by the folder and its CSV's hash, so it is reused).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +52,34 @@ def _one_fold(labels: np.ndarray, groups: np.ndarray, frac: float, seed: int) ->
     return mask
 
 
+def split_groups(df: pd.DataFrame) -> np.ndarray:
+    """The group of each row: its lesion, with lesions that share a patient joined into one
+    group (connected components), so neither a lesion nor a patient straddles a split. Without
+    a ``patient_id`` column (HAM10000) the groups are the lesion ids, as before."""
+    lesions = df["lesion_id"].astype(str).to_numpy()
+    if "patient_id" not in df.columns:
+        return lesions
+    patients = df["patient_id"].fillna("").astype(str).str.strip().to_numpy()
+    if not (patients != "").any():
+        return lesions
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(x, x) != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    for lesion, patient in zip(lesions, patients, strict=True):
+        if patient:
+            a, b = find("L:" + lesion), find("P:" + patient)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return np.array([find("L:" + lesion) for lesion in lesions], dtype=object)
+
+
 def make_splits(
     df: pd.DataFrame, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 42
 ) -> pd.DataFrame:
@@ -51,7 +87,7 @@ def make_splits(
     if not (0 < val_frac < 0.5 and 0 < test_frac < 0.5):
         raise DataError("val and test fractions must each be between 0 and 0.5.")
     labels = df["dx"].to_numpy()
-    groups = df["lesion_id"].to_numpy()
+    groups = split_groups(df)
     test = _one_fold(labels, groups, test_frac, seed)
     rest = np.flatnonzero(~test)
     val_rel = _one_fold(labels[rest], groups[rest], val_frac / (1.0 - test_frac), seed + 1)
@@ -89,14 +125,32 @@ def file_sha256(path: Path | str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def attach_splits(df: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
-    """Add a ``split`` column to ``df``; every image must be in the split file."""
-    merged = df.merge(splits[["image_id", "split"]], on="image_id", how="left")
+#: What to do when a split file does not cover a folder, by use.
+TRAIN_HINT = (
+    "pass --splits with a new file name to have a grouped split made for this folder, or leave "
+    "--splits at its default"
+)
+EVAL_HINT = "score the whole folder with --split all, or pass --splits FILE that covers it"
+
+
+def covers(df: pd.DataFrame, splits: pd.DataFrame) -> bool:
+    """Whether every image of ``df`` is in the split table."""
+    return bool(df["image_id"].isin(splits["image_id"]).all())
+
+
+def attach_splits(
+    df: pd.DataFrame, splits: pd.DataFrame, name: str = "the split file", hint: str = TRAIN_HINT
+) -> pd.DataFrame:
+    """Set ``df``'s ``split`` column from a split table (replacing a folder's own); every image
+    must be in it."""
+    base = df.drop(columns="split") if "split" in df.columns else df
+    merged = base.merge(splits[["image_id", "split"]], on="image_id", how="left")
     if merged["split"].isna().any():
         missing = merged.loc[merged["split"].isna(), "image_id"]
         raise DataError(
-            f"{len(missing)} image(s) are not in the split file (first: {missing.iloc[0]}); "
-            "make a new split file for this dataset."
+            f"{len(missing)} image(s) are not in the split file"
+            f"{'' if name == 'the split file' else ' ' + name} (first: {missing.iloc[0]}); "
+            f"{hint}."
         )
     return merged
 
@@ -119,3 +173,88 @@ def lesions_crossing_splits(df: pd.DataFrame) -> list[str]:
     """Lesion ids found in more than one split (must be empty)."""
     per_lesion = df.groupby("lesion_id")["split"].nunique()
     return sorted(per_lesion[per_lesion > 1].index)
+
+
+def folder_split_path(data_dir: Path | str, csv_path: Path | str, seed: int) -> Path:
+    """Where the grouped split made for a folder is saved: ``splits/<folder>_<csv hash>_seed<N>
+    .csv`` in the repository (the same data always finds the same file)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(data_dir).resolve().name) or "data"
+    return REPO_ROOT / "splits" / f"{name}_{file_sha256(csv_path)[:8]}_seed{seed}.csv"
+
+
+def primary_split(
+    df: pd.DataFrame,
+    data_dir: Path | str,
+    csv_path: Path | str,
+    splits_path: Path | str | None = None,
+    seed: int = 42,
+) -> tuple[pd.DataFrame, str, Path]:
+    """The train / val / test split of a primary training folder: ``(df+split, sha256, file)``.
+
+    * ``splits_path`` given and not the committed default: that file (made there if absent);
+    * else the folder's own ``split`` column (a publisher's official split): the file is the
+      folder's CSV, which holds the split file's columns;
+    * else the committed HAM10000 split when it covers the folder (HAM10000 as today);
+    * else a lesion- and patient-grouped split made for the folder and saved
+      (:func:`folder_split_path`).
+    """
+    default = splits_path is None or Path(splits_path).resolve() == DEFAULT_SPLITS.resolve()
+    if default and "split" in df.columns:
+        return df, file_sha256(csv_path), Path(csv_path)
+    path = DEFAULT_SPLITS if splits_path is None else Path(splits_path)
+    if default and path.is_file() and not covers(df, load_splits(path)):
+        path = folder_split_path(data_dir, csv_path, seed)
+    if not path.is_file():
+        try:
+            save_splits(make_splits(df, seed=seed), path)
+        except OSError as exc:
+            raise DataError(
+                f"Cannot write the split file {path} ({exc.strerror}); pass --splits PATH."
+            ) from None
+    return attach_splits(df, load_splits(path), str(path)), file_sha256(path), path
+
+
+def select_split(
+    df: pd.DataFrame,
+    split: str | None,
+    split_file: Path | None,
+    explicit: bool = False,
+    expected_sha: str | None = None,
+) -> tuple[pd.DataFrame, dict]:
+    """The rows of a folder to evaluate, and what was used to choose them.
+
+    ``split``: train / val / test, ``all``, or None (automatic: the test part when the folder
+    has a split, else the whole folder). The split comes from ``split_file`` when it is
+    ``explicit`` (``--splits``), else from the folder's own ``split`` column, else from
+    ``split_file`` (the checkpoint's) when it covers the folder. A folder with none of these is
+    scored whole automatically and refused for an explicit train / val / test.
+    """
+    if split == "all":
+        return df, {"split": "all"}
+    if split is not None and split not in SPLITS:
+        raise DataError(f"Unknown split {split!r}: use one of {', '.join(SPLITS)} or all.")
+    wanted = split or "test"
+    if not explicit and "split" in df.columns:
+        return df[df["split"] == wanted], {
+            "split": wanted,
+            "split_file": "the folder's split column",
+        }
+    splits = load_splits(split_file) if split_file is not None else None
+    if splits is None or (split is None and not explicit and not covers(df, splits)):
+        if split is not None:
+            raise DataError(
+                "The checkpoint records no split file and the folder has no split column; "
+                f"{EVAL_HINT}."
+            )
+        return df, {
+            "split": "all",
+            "note": "the folder has no split column and is not in the checkpoint's split file: "
+            "scored whole",
+        }
+    assert split_file is not None
+    digest = file_sha256(split_file)
+    info = {"split": wanted, "split_file": str(split_file), "split_sha256": digest}
+    if expected_sha and digest != expected_sha:
+        info["warning"] = "split file differs from the one the checkpoint was trained with"
+    df = attach_splits(df, splits, str(split_file), EVAL_HINT)
+    return df[df["split"] == wanted], info
