@@ -89,10 +89,8 @@ def add_column(conn: Connection, table: str, column: Column) -> None:
 # --- migration 1: the initial schema (frozen; never edit, add a migration instead) ------------
 
 
-def _v1_tables(md: MetaData) -> None:
-    Table(
-        "predictions",
-        md,
+def _v1_columns() -> list[Column]:
+    return [
         Column("id", Integer, primary_key=True, autoincrement=True),
         Column("created_at", DateTime(), nullable=False),
         Column("image_sha256", String(64), nullable=False),
@@ -114,6 +112,11 @@ def _v1_tables(md: MetaData) -> None:
         Column("model_version", String(160), nullable=False),
         Column("checkpoint_sha256", String(64), nullable=False),
         Column("latency_ms", Float, nullable=False),
+    ]
+
+
+def _v1_indexes() -> list[Index]:
+    return [
         Index("ix_predictions_created_at", "created_at"),
         Index("ix_predictions_image_sha256", "image_sha256"),
         Index("ix_predictions_sex", "sex"),
@@ -122,7 +125,11 @@ def _v1_tables(md: MetaData) -> None:
         Index("ix_predictions_predicted_probability", "predicted_probability"),
         Index("ix_predictions_model_version", "model_version"),
         Index("ix_predictions_class_created", "predicted_class", "created_at"),
-    )
+    ]
+
+
+def _v1_tables(md: MetaData) -> None:
+    Table("predictions", md, *_v1_columns(), *_v1_indexes())
 
 
 def _initial_schema(conn: Connection) -> None:
@@ -134,20 +141,64 @@ def _initial_schema(conn: Connection) -> None:
 # --- migration 2: confirmed diagnoses (nullable columns: existing rows are kept, unconfirmed) --
 
 
-def _confirmed_diagnosis(conn: Connection) -> None:
-    for column in (
+def _v2_columns() -> list[Column]:
+    return [
         Column("confirmed_dx", String(8), nullable=True),
         Column("confirmed_source", String(32), nullable=True),
         Column("confirmed_note", Text, nullable=True),
         Column("confirmed_at", DateTime(), nullable=True),
+    ]
+
+
+def _confirmed_diagnosis(conn: Connection) -> None:
+    for column in _v2_columns():
+        add_column(conn, "predictions", column)
+
+
+# --- migration 3: ids are never reused (SQLite AUTOINCREMENT) ----------------------------------
+
+
+def _never_reuse_ids(conn: Connection) -> None:
+    """SQLite hands out ``max(id) + 1`` unless the key is ``AUTOINCREMENT``, so deleting the
+    newest row gave its id to the next patient. SQLite cannot add AUTOINCREMENT to a table, so the
+    table is rebuilt (the documented 12-step way, in the migration's transaction): a copy with
+    AUTOINCREMENT, every row copied with its id (which seeds ``sqlite_sequence`` with the largest
+    id), the old table dropped, the copy renamed and the indexes re-created. PostgreSQL's
+    ``SERIAL`` sequence never gives an id twice already: nothing to do there."""
+    if conn.dialect.name != "sqlite":
+        return
+    columns = [*_v1_columns(), *_v2_columns()]
+    Table("predictions_v3", MetaData(), *columns, sqlite_autoincrement=True).create(conn)
+    quote = conn.dialect.identifier_preparer.quote
+    names = ", ".join(quote(c.name) for c in columns)
+    conn.exec_driver_sql(f"INSERT INTO predictions_v3 ({names}) SELECT {names} FROM predictions")
+    conn.exec_driver_sql("DROP TABLE predictions")
+    conn.exec_driver_sql("ALTER TABLE predictions_v3 RENAME TO predictions")
+    renamed = Table("predictions", MetaData(), *[*_v1_columns(), *_v2_columns()], *_v1_indexes())
+    for index in renamed.indexes:
+        index.create(conn)
+
+
+# --- migration 4: where a row came from (file name, batch) and the files written for it -------
+
+
+def _provenance(conn: Connection) -> None:
+    for column in (
+        Column("file_name", String(255), nullable=True),
+        Column("batch_id", String(32), nullable=True),
+        Column("output_files", JSON, nullable=True),
     ):
         add_column(conn, "predictions", column)
+    table = Table("predictions", MetaData(), Column("batch_id", String(32)))
+    Index("ix_predictions_batch_id", table.c.batch_id).create(conn)
 
 
 #: The ordered list of migrations; append only.
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema: predictions", _initial_schema),
     Migration(2, "confirmed diagnosis: dx, source, note, time", _confirmed_diagnosis),
+    Migration(3, "ids never reused (SQLite AUTOINCREMENT)", _never_reuse_ids),
+    Migration(4, "file name, batch id and written files of each prediction", _provenance),
 ]
 
 

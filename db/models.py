@@ -32,6 +32,10 @@ CONFIRM_SOURCES: tuple[str, ...] = (
 )
 #: Longest note kept with a confirmed diagnosis.
 NOTE_MAX = 1000
+#: Longest original file name kept (longer names are cut, the end kept: it holds the extension).
+FILE_NAME_MAX = 255
+#: Length of a batch id (hex digits; see :func:`service.batch.new_batch_id`).
+BATCH_ID_MAX = 32
 
 
 def utcnow() -> datetime:
@@ -111,7 +115,19 @@ class PredictionRecord(Base):
     confirmed_note: Mapped[str | None] = mapped_column(Text, nullable=True)
     confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
-    __table_args__ = (Index("ix_predictions_class_created", "predicted_class", "created_at"),)
+    # Where the image came from (migration 4): the file name as uploaded or given on the command
+    # line (a zip member as ``archive.zip/member``), the batch run that stored the row (so an
+    # interrupted batch can be found and resumed), and files a CLI wrote for the row
+    # (``scripts.predict --heatmap-dir``), which deleting the row removes too.
+    file_name: Mapped[str | None] = mapped_column(String(FILE_NAME_MAX), nullable=True)
+    batch_id: Mapped[str | None] = mapped_column(String(BATCH_ID_MAX), nullable=True, index=True)
+    output_files: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+
+    # SQLite: AUTOINCREMENT, so the id of a deleted row is never handed out again (migration 3).
+    __table_args__ = (
+        Index("ix_predictions_class_created", "predicted_class", "created_at"),
+        {"sqlite_autoincrement": True},
+    )
 
     def __repr__(self) -> str:
         return (

@@ -19,11 +19,70 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from common.errors import DermError
 from common.text import clip, echo
-from data_pipeline.schema import CLASSES, normalize_age, normalize_sex, normalize_site
-from db.models import CONFIRM_SOURCES, NOTE_MAX, OTHER, PredictionRecord, as_utc, utcnow
+from data_pipeline.schema import known_codes, normalize_age, normalize_sex, normalize_site
+from db.models import (
+    BATCH_ID_MAX,
+    CONFIRM_SOURCES,
+    NOTE_MAX,
+    OTHER,
+    PredictionRecord,
+    as_utc,
+    utcnow,
+)
 
 #: Largest page a query returns.
 MAX_LIMIT = 10_000
+#: Largest id any backend can hold (SQLite's 64-bit INTEGER); PostgreSQL's INTEGER column
+#: stops at :data:`PG_MAX_ID`, so a larger id there is simply not found.
+MAX_ID = 2**63 - 1
+PG_MAX_ID = 2**31 - 1
+BATCH_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
+
+
+def parse_id(value: Any, what: str = "Prediction id") -> int:
+    """A stored-row id from user input (CLI, app, API); ``DermError`` for anything else.
+
+    Why a check: a 23-digit id reached the driver as an integer SQLite cannot bind
+    (``OverflowError``) and PostgreSQL refuses ("integer out of range")."""
+    if isinstance(value, bool):
+        raise DermError(f"{what} {echo(value)} is not a whole number.")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise DermError(f"{what} {echo(value)} is not a whole number.")
+        value = int(value)
+    if isinstance(value, str):
+        text = value.strip().lstrip("#")
+        if not text.isascii() or not text.lstrip("+-").isdigit():
+            raise DermError(f"{what} {echo(value)} is not a whole number.")
+        value = int(text)
+    if not isinstance(value, int):
+        raise DermError(f"{what} {echo(value)} is not a whole number.")
+    if not 1 <= value <= MAX_ID:
+        raise DermError(
+            f"{what} {clip(str(value))} is out of range: ids are whole numbers from 1 to {MAX_ID}."
+        )
+    return value
+
+
+def _storable_id(session: Session, prediction_id: Any) -> int | None:
+    """The parsed id, or None when this backend cannot hold it (no row can have it)."""
+    pid = parse_id(prediction_id)
+    if session.get_bind().dialect.name == "postgresql" and pid > PG_MAX_ID:
+        return None
+    return pid
+
+
+def normalize_batch_id(value: Any) -> str | None:
+    """A batch id from user input: letters, digits, ``-`` and ``_``, at most 32 characters."""
+    if _blank(value):
+        return None
+    text = str(value).strip()
+    if len(text) > BATCH_ID_MAX or not set(text) <= BATCH_ID_CHARS:
+        raise DermError(
+            f"Batch id {echo(value)} is not valid: use the id a batch run printed "
+            f"(letters, digits, - and _; at most {BATCH_ID_MAX} characters)."
+        )
+    return text
 
 
 def parse_date(value: object, what: str = "date") -> date | datetime:
@@ -109,6 +168,8 @@ class HistoryFilter:
     model_version: str | None = None
     #: True: only rows with a confirmed diagnosis; False: only rows without; None: all.
     confirmed: bool | None = None
+    #: Only the rows one batch run stored (the id it printed / wrote in its CSV).
+    batch_id: str | None = None
 
     def __post_init__(self) -> None:
         self.since = None if _blank(self.since) else parse_date(self.since, "since date")
@@ -127,10 +188,10 @@ class HistoryFilter:
         for item in raw:
             for token in str(item).replace(",", " ").split():
                 code = token.strip().lower()
-                if code not in CLASSES:
+                if code not in known_codes():
                     raise DermError(
                         f"Unknown diagnosis class {echo(token)}: "
-                        f"expected one of {', '.join(CLASSES)}."
+                        f"expected one of {', '.join(known_codes())}."
                     )
                 if code not in classes:
                     classes.append(code)
@@ -158,6 +219,7 @@ class HistoryFilter:
         if self.model_version is not None and "\x00" in self.model_version:
             # PostgreSQL refuses NUL in text where SQLite would just find nothing; same answer.
             raise DermError(f"Model version {echo(self.model_version)} contains a NUL character.")
+        self.batch_id = normalize_batch_id(self.batch_id)
 
     def _since_start(self) -> datetime:
         assert isinstance(self.since, (date, datetime))  # parsed in __post_init__
@@ -205,6 +267,8 @@ class HistoryFilter:
             out.append(P.confirmed_dx.is_not(None))
         elif self.confirmed is False:
             out.append(P.confirmed_dx.is_(None))
+        if self.batch_id is not None:
+            out.append(P.batch_id == self.batch_id)
         return out
 
     def describe(self) -> str:
@@ -222,6 +286,7 @@ class HistoryFilter:
             "age_max",
             "model_version",
             "confirmed",
+            "batch_id",
         ):
             value = getattr(self, name)
             if value not in (None, []):
@@ -288,7 +353,7 @@ def counts_per_class_per_day(
         select(day, PredictionRecord.predicted_class, func.count(PredictionRecord.id)), f
     ).group_by(day, PredictionRecord.predicted_class)
     rows = [(str(d), c, int(n)) for d, c, n in session.execute(stmt)]
-    order = {c: i for i, c in enumerate(CLASSES)}
+    order = {c: i for i, c in enumerate(known_codes())}
     return sorted(rows, key=lambda r: (r[0], order.get(r[1], len(order)), r[1]))
 
 
@@ -297,17 +362,39 @@ def thumbnails(session: Session, ids: list[int]) -> dict[int, bytes | None]:
     if not ids:
         return {}
     P = PredictionRecord
-    stmt = select(P.id, P.thumbnail).where(P.id.in_([int(i) for i in ids]))
+    wanted = [i for i in (_storable_id(session, i) for i in ids) if i is not None]
+    stmt = select(P.id, P.thumbnail).where(P.id.in_(wanted))
     return {int(i): t for i, t in session.execute(stmt)}
 
 
-def get_prediction(session: Session, prediction_id: int) -> PredictionRecord | None:
-    return session.get(PredictionRecord, int(prediction_id))
+def get_prediction(session: Session, prediction_id: Any) -> PredictionRecord | None:
+    """The row with this id, or None; an id that is not a valid id is a ``DermError``."""
+    pid = _storable_id(session, prediction_id)
+    return None if pid is None else session.get(PredictionRecord, pid)
+
+
+def output_files(session: Session, prediction_id: Any) -> list[str]:
+    """The files written for a row (``scripts.predict --heatmap-dir``); [] when none or no row."""
+    pid = _storable_id(session, prediction_id)
+    if pid is None:
+        return []
+    stmt = select(PredictionRecord.output_files).where(PredictionRecord.id == pid)
+    return [str(f) for f in session.scalar(stmt) or []]
+
+
+def batch_members(session: Session, batch_id: str) -> dict[tuple[str, str], int]:
+    """``{(file name, image sha256): id}`` of the rows a batch stored, for resuming it."""
+    P = PredictionRecord
+    stmt = select(P.file_name, P.image_sha256, P.id).where(
+        P.batch_id == normalize_batch_id(batch_id)
+    )
+    return {(str(n), str(h)): int(i) for n, h, i in session.execute(stmt)}
 
 
 def confirmed_dx_choices() -> tuple[str, ...]:
     """What a confirmed diagnosis may be: a model class or ``other``."""
-    return (*CLASSES, OTHER)
+    codes = known_codes()  # HAM10000's and those of every model loaded here
+    return codes if OTHER in codes else (*codes, OTHER)
 
 
 def normalize_confirmation(dx: Any, source: Any, note: Any = None) -> tuple[str, str, str | None]:
@@ -328,6 +415,12 @@ def normalize_confirmation(dx: Any, source: Any, note: Any = None) -> tuple[str,
             f"{', '.join(CONFIRM_SOURCES)}."
         )
     text = None if _blank(note) else str(note).strip()
+    if text is not None and "\x00" in text:
+        # PostgreSQL cannot store NUL in text, SQLite can: refused everywhere, one answer.
+        raise DermError(
+            "The note contains a NUL character (\\x00, often from pasted binary data); "
+            "remove it and try again."
+        )
     if text is not None and len(text) > NOTE_MAX:
         raise DermError(f"The note has {len(text)} characters; keep it to {NOTE_MAX}.")
     return code, src, text
@@ -338,7 +431,7 @@ def confirm_prediction(
 ) -> PredictionRecord:
     """Record (or replace) the confirmed diagnosis of one stored prediction."""
     code, src, text = normalize_confirmation(dx, source, note)
-    record = session.get(PredictionRecord, int(prediction_id))
+    record = get_prediction(session, prediction_id)
     if record is None:
         raise DermError(f"No stored prediction has id {prediction_id}.")
     record.confirmed_dx, record.confirmed_source = code, src
@@ -347,11 +440,15 @@ def confirm_prediction(
     return record
 
 
-def delete_prediction(session: Session, prediction_id: int) -> bool:
-    """Delete one stored prediction (image, heatmap, everything); False when there was none."""
-    result = session.execute(
-        delete(PredictionRecord).where(PredictionRecord.id == int(prediction_id))
-    )
+def delete_prediction(session: Session, prediction_id: Any) -> bool:
+    """Delete one stored prediction (image, heatmap, everything); False when there was none.
+
+    This removes the row; :func:`service.history.delete_record` also purges the database files
+    and removes the files written for the row, and is what the app and the CLI call."""
+    pid = _storable_id(session, prediction_id)
+    if pid is None:
+        return False
+    result = session.execute(delete(PredictionRecord).where(PredictionRecord.id == pid))
     return bool(getattr(result, "rowcount", 0))
 
 
@@ -376,9 +473,11 @@ def as_filter(f: HistoryFilter | dict[str, Any] | None) -> HistoryFilter | None:
 
 
 __all__ = [
+    "MAX_ID",
     "MAX_LIMIT",
     "HistoryFilter",
     "as_filter",
+    "batch_members",
     "confirm_prediction",
     "confirmed_dx_choices",
     "confirmed_pairs",
@@ -387,8 +486,11 @@ __all__ = [
     "counts_per_class_per_day",
     "delete_prediction",
     "get_prediction",
+    "normalize_batch_id",
     "normalize_confirmation",
+    "output_files",
     "parse_date",
+    "parse_id",
     "query_predictions",
     "thumbnails",
 ]

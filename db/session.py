@@ -2,8 +2,24 @@
 
 Which database: an explicit URL (``--db``) wins, then the ``SKIN_DB_URL`` environment variable,
 then ``sqlite:///predictions.db`` in the current directory. Any SQLAlchemy URL works; SQLite files
-get WAL journaling, a 30 s busy timeout and foreign keys on every connection, and real
-(transactional) BEGINs so migrations are all-or-nothing.
+get WAL journaling, a 30 s busy timeout, foreign keys and ``secure_delete`` on every connection,
+and real (transactional) BEGINs so migrations are all-or-nothing.
+
+Writes (:meth:`Database.session` with ``write=True``) take SQLite's write lock at ``BEGIN
+IMMEDIATE``: a deferred transaction that reads and then writes cannot wait for the lock (SQLite
+answers "database is locked" at once to avoid a deadlock), an immediate one waits up to the busy
+timeout. Reads stay deferred, so a read-only file can still be browsed.
+
+Deleting is for privacy, so a delete must leave no copy of the row's bytes behind
+(:meth:`Database.purge`): on SQLite ``secure_delete`` overwrites the freed cells and pages with
+zeros, and a ``wal_checkpoint(TRUNCATE)`` copies the zeroed pages into the database file and
+empties the ``-wal`` file, which still held the pages as they were written. PostgreSQL keeps a
+deleted row's tuple (and its TOAST-ed image bytes) in the table files until (auto)vacuum reclaims
+the space and a later write reuses it, and in the server's WAL segments (and any base backups or
+archives) until they are recycled. A plain ``VACUUM`` only marks the space free; an operator who
+must guarantee erasure runs ``VACUUM FULL predictions`` (rewrites the table into new files, takes
+an exclusive lock, so not per delete from the app), then ``CHECKPOINT`` and rotates WAL archives
+and backups. :meth:`Database.purge` does nothing there.
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -92,6 +108,8 @@ def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
     try:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_TIMEOUT_S * 1000}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # A deleted record's bytes are overwritten, not just unlinked (see Database.purge).
+        cursor.execute("PRAGMA secure_delete=ON")
         # A read-only file keeps its journal mode; reading it must still work.
         with suppress(sqlite3.OperationalError):
             cursor.execute("PRAGMA journal_mode=WAL")
@@ -101,7 +119,7 @@ def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
 
 def _sqlite_begin(conn: Any) -> None:
     # ``immediate`` takes the write lock at BEGIN (waiting up to busy_timeout), for transactions
-    # that read and then write, such as migrations run by two processes at once.
+    # that read and then write: confirms, deletes, migrations run by two processes at once.
     mode = "BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_immediate") else "BEGIN"
     conn.exec_driver_sql(mode)
 
@@ -117,6 +135,11 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
             return create_engine(u, **kwargs)
         except ImportError as exc:
             raise missing_driver(u, exc) from None
+        except NoSuchModuleError:
+            raise DatabaseError(
+                f"Unknown database type {u.drivername!r} in {u.render_as_string()!r}: use "
+                "sqlite:///FILE.db or postgresql://user@host/dbname."
+            ) from None
     connect_args = {"check_same_thread": False, "timeout": SQLITE_TIMEOUT_S}
     connect_args.update(kwargs.pop("connect_args", {}))
     if _is_memory(u):
@@ -141,6 +164,10 @@ class Database:
         self.url = resolve_db_url(url)
         self.engine = make_engine(self.url, **engine_kwargs)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
+        # Same pool; on SQLite its transactions start with BEGIN IMMEDIATE (see _sqlite_begin).
+        self.WriteSession = sessionmaker(
+            self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False
+        )
         if migrate:
             self.migrate()
 
@@ -167,11 +194,14 @@ class Database:
         return DatabaseError(f"The history database {self.display_url} {what}: {reason}.{hint}")
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, *, write: bool = False) -> Iterator[Session]:
         """A session that commits on success and rolls back on any exception; database failures
-        (down, locked, read-only, corrupt) become a :class:`DatabaseError`."""
+        (down, locked, read-only, corrupt) become a :class:`DatabaseError`.
+
+        ``write=True`` for a transaction that changes rows: on SQLite it takes the write lock up
+        front, so concurrent writers queue (up to the busy timeout) instead of failing."""
         try:
-            session = self.Session()
+            session = (self.WriteSession if write else self.Session)()
         except SQLAlchemyError as exc:
             raise self.error("cannot be used", exc) from None
         try:
@@ -186,6 +216,36 @@ class Database:
             raise
         finally:
             session.close()
+
+    def purge(self) -> None:
+        """Make deleted rows unrecoverable from the database files (call after a delete commits).
+
+        SQLite: the deleted cells are already zeroed (``secure_delete``); the checkpoint copies
+        those pages into the main file and truncates the ``-wal`` file to zero bytes, waiting
+        (busy timeout) for readers to finish. Other backends: nothing here; on PostgreSQL the
+        dead tuple stays in the table files until (auto)vacuum reuses its space — see the module
+        docstring for what an operator runs to erase it."""
+        try:
+            if self.engine.dialect.name == "sqlite":
+                raw = self.engine.raw_connection()
+                try:
+                    # Outside any transaction (isolation_level None): a checkpoint cannot
+                    # truncate the log while this connection itself holds a read snapshot.
+                    cursor = raw.cursor()
+                    busy = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                    cursor.close()
+                finally:
+                    raw.close()
+                if busy and busy[0]:
+                    raise DatabaseError(
+                        f"The history database {self.display_url} could not be checkpointed "
+                        "after a delete (another program keeps reading it): the deleted row's "
+                        "bytes may remain in its -wal file until the next checkpoint."
+                    )
+        except SQLAlchemyError as exc:
+            raise self.error("cannot be cleaned after a delete", exc) from None
+        except sqlite3.Error as exc:
+            raise self.error("cannot be cleaned after a delete", exc) from None
 
     @property
     def display_url(self) -> str:

@@ -9,13 +9,16 @@
         --note "excised 2026-03-02"                              # record a confirmed diagnosis
     python -m scripts.query_history --agreement --since 2026-01-01  # model vs confirmed
     python -m scripts.query_history --delete 12                  # delete one stored prediction
+    python -m scripts.query_history --batch-id 3f2a9c01d4e7      # the rows of one batch run
 
 The database is --db, else $SKIN_DB_URL, else sqlite:///predictions.db. Dates are UTC days;
 --until includes its whole day. JSON output includes probabilities, metadata contributions and
 the heatmap (base64 PNG). With --confirm, --dx is the confirmed diagnosis (one of the 7 classes or
 "other") and --confirm-source says how it was confirmed (histopathology, follow-up, expert
 consensus, clinician). --agreement compares the model's top class with the confirmed diagnoses of
-the matching rows (the same numbers as the app's Agreement tab).
+the matching rows (the same numbers as the app's Agreement tab). --delete removes the row, its
+bytes in the database files and the files scripts.predict --heatmap-dir wrote for it. CSV cells
+that a spreadsheet would run as a formula (=, +, -, @) are written with a leading '.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ from db.queries import (
     confirmed_dx_choices,
     count_predictions,
     counts_per_class_per_day,
-    delete_prediction,
     get_prediction,
     query_predictions,
 )
@@ -55,6 +57,7 @@ from service.history import (
     TABLE_COLUMNS,
     class_label,
     csv_row,
+    delete_record,
     detail_text,
     record_dict,
     render_table,
@@ -90,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--age-min", default=None, metavar="YEARS")
     p.add_argument("--age-max", default=None, metavar="YEARS")
     p.add_argument("--model-version", default=None, metavar="NAME@HASH")
+    p.add_argument(
+        "--batch-id", default=None, metavar="ID", help="only the rows this batch run stored"
+    )
     p.add_argument("--id", type=int, default=None, metavar="N", help="show this one prediction")
     p.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
     p.add_argument("--offset", type=int, default=0, help="skip this many rows (paging)")
@@ -155,6 +161,7 @@ def history_filter(args: argparse.Namespace) -> HistoryFilter:
         age_max=args.age_max,
         model_version=args.model_version,
         confirmed=True if args.confirmed_only else None,
+        batch_id=args.batch_id,
     )
 
 
@@ -208,7 +215,7 @@ def confirm(db: Database, args: argparse.Namespace) -> None:
             "--confirm needs exactly one --dx: the confirmed diagnosis "
             f"({', '.join(confirmed_dx_choices())})."
         )
-    with db.session() as session:
+    with db.session(write=True) as session:
         row = confirm_prediction(session, args.confirm, args.dx[0], args.confirm_source, args.note)
         print(
             f"prediction {row.id}: confirmed {class_label(str(row.confirmed_dx))} "
@@ -218,9 +225,8 @@ def confirm(db: Database, args: argparse.Namespace) -> None:
 
 
 def delete(db: Database, prediction_id: int) -> None:
-    with db.session() as session:
-        if not delete_prediction(session, prediction_id):
-            raise DermError(f"No prediction with id {prediction_id} in {db.display_url}.")
+    if not delete_record(db, prediction_id):
+        raise DermError(f"No prediction with id {prediction_id} in {db.display_url}.")
     print(f"prediction {prediction_id} deleted.")
 
 

@@ -22,15 +22,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from data_pipeline.schema import CLASS_NAMES, CLASSES, FIELDS
+from common.csv_cells import safe_row
+from common.errors import DermError
+from data_pipeline.schema import CLASSES, FIELDS, class_name, known_codes
 from db.models import OTHER, PredictionRecord, as_utc
+from db.queries import delete_prediction, output_files, parse_id
+from db.session import Database
 
 
-def class_label(code: str) -> str:
-    """``Melanoma (mel)``: the full name first, the HAM10000 code for reference."""
-    if code == OTHER:
-        return "Other (not one of the 7 classes)"
-    return f"{CLASS_NAMES.get(code, code)} ({code})"
+def class_label(code: str, model_version: str | None = None) -> str:
+    """``Melanoma (mel)``: the full name first, the code for reference. The name is that of the
+    row's model (``model_version``) when it is loaded (:func:`data_pipeline.schema.class_name`)."""
+    if code == OTHER and code not in known_codes():
+        return "Other (not one of the model's classes)"
+    return f"{class_name(code, model_version)} ({code})"
 
 
 #: Short class names for tight places (table cells, gallery captions).
@@ -46,11 +51,13 @@ SHORT_NAMES: dict[str, str] = {
 }
 
 
-def short_label(code: str | None) -> str:
-    """``Nevus (nv)``: a short name and the code."""
+def short_label(code: str | None, model_version: str | None = None) -> str:
+    """``Nevus (nv)``: a short name and the code (another class set's: its own name)."""
     if not code:
         return ""
-    return f"{SHORT_NAMES.get(code, code)} ({code})"
+    own = class_name(code, model_version)
+    short = SHORT_NAMES.get(code, own) if own == class_name(code) else own
+    return f"{short} ({code})"
 
 
 def format_time(value: datetime | None) -> str:
@@ -88,7 +95,7 @@ def record_dict(
         "sex": r.sex,
         "site": r.site,
         "predicted_class": r.predicted_class,
-        "predicted_class_name": CLASS_NAMES.get(r.predicted_class, r.predicted_class),
+        "predicted_class_name": class_name(r.predicted_class, r.model_version),
         "predicted_probability": r.predicted_probability,
         "probabilities": dict(r.probabilities or {}),
         "attribution_target": r.attribution_target,
@@ -105,6 +112,9 @@ def record_dict(
         "confirmed_source": r.confirmed_source,
         "confirmed_note": r.confirmed_note,
         "confirmed_at": as_utc(r.confirmed_at).isoformat() if r.confirmed_at is not None else None,
+        "file_name": r.file_name,
+        "batch_id": r.batch_id,
+        "output_files": list(r.output_files) if r.output_files is not None else None,
     }
     for key, attr, suffix, include in (
         ("heatmap", "heatmap_png", "png", include_heatmap),
@@ -150,7 +160,7 @@ def table_row(r: PredictionRecord) -> list[Any]:
     return [
         r.id,
         format_time(r.created_at),
-        class_label(r.predicted_class),
+        class_label(r.predicted_class, r.model_version),
         round(float(r.predicted_probability), 3),
         format_age(r.age),
         r.sex,
@@ -189,13 +199,21 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 # --- CSV -----------------------------------------------------------------------------------------
 
-CSV_COLUMNS = [
+
+def csv_columns(codes: Sequence[str] = CLASSES) -> list[str]:
+    """The CSV header with a ``p_<code>`` column per class of ``codes`` (rows of a model of
+    another class set leave the others empty); :data:`CSV_COLUMNS` is HAM10000's."""
+    return [*_CSV_HEAD, *[f"p_{c}" for c in codes], *_CSV_TAIL]
+
+
+_CSV_HEAD = [
     "id",
     "created_at",
     "predicted_class",
     "predicted_class_name",
     "predicted_probability",
-    *[f"p_{c}" for c in CLASSES],
+]
+_CSV_TAIL = [
     "age",
     "sex",
     "site",
@@ -214,26 +232,31 @@ CSV_COLUMNS = [
     "confirmed_source",
     "confirmed_note",
     "confirmed_at",
+    "file_name",
+    "batch_id",
 ]
+CSV_COLUMNS = csv_columns()
 
 
-def csv_row(r: PredictionRecord) -> list[Any]:
-    """One row in :data:`CSV_COLUMNS` order (None for missing values)."""
+def csv_row(r: PredictionRecord, codes: Sequence[str] = CLASSES) -> list[Any]:
+    """One row in :func:`csv_columns` order of the same ``codes`` (None for missing values)."""
     d = record_dict(r)
     probs = d.pop("probabilities")
     contribs = d.pop("metadata_contributions") or {}
-    d.update({f"p_{c}": probs.get(c) for c in CLASSES})
+    d.update({f"p_{c}": probs.get(c) for c in codes})
     d.update({f"contribution_{f}": contribs.get(f) for f in FIELDS})
     d["warnings"] = " | ".join(d["warnings"])
-    return [d[c] for c in CSV_COLUMNS]
+    return [d[c] for c in csv_columns(codes)]
 
 
 def write_csv_rows(
     fh: TextIO, headers: Sequence[str], rows: Iterable[Sequence[Any]], lineterminator: str = "\n"
 ) -> None:
+    """The one CSV writer of the project's exports: formula-looking text cells are neutralised
+    (:func:`common.csv_cells.safe_cell`), None becomes an empty cell."""
     writer = csv.writer(fh, lineterminator=lineterminator)
-    writer.writerow(headers)
-    writer.writerows(["" if v is None else v for v in row] for row in rows)
+    writer.writerow(safe_row(headers))
+    writer.writerows(["" if v is None else v for v in safe_row(row)] for row in rows)
 
 
 def to_csv(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -244,11 +267,14 @@ def to_csv(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def write_csv(records: Iterable[PredictionRecord], path: Path) -> Path:
-    """The rows as a CSV file; ``records`` may be streamed a page at a time."""
+    """The rows as a CSV file; ``records`` may be streamed a page at a time. A ``p_`` column
+    per class of HAM10000 and of every model loaded here (:func:`known_codes`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    codes = known_codes()
     with path.open("w", newline="", encoding="utf-8") as fh:
-        write_csv_rows(fh, CSV_COLUMNS, (csv_row(r) for r in records), lineterminator="\r\n")
+        rows = (csv_row(r, codes) for r in records)
+        write_csv_rows(fh, csv_columns(codes), rows, lineterminator="\r\n")
     return path
 
 
@@ -262,13 +288,22 @@ def detail_entries(r: PredictionRecord) -> list[tuple[str, str]]:
         image += "; No image stored (the prediction was made with --no-store-images)"
     entries = [
         ("Time", f"{format_time(r.created_at)} UTC"),
+        *([("File", r.file_name)] if r.file_name else []),
+        *([("Batch", r.batch_id)] if r.batch_id else []),
         ("Inputs", f"age {format_age(r.age) or 'unknown'}, sex {r.sex}, body site {r.site}"),
         ("Image", image),
-        ("Top class", f"{class_label(r.predicted_class)} {r.predicted_probability:.1%}"),
+        (
+            "Top class",
+            f"{class_label(r.predicted_class, r.model_version)} {r.predicted_probability:.1%}",
+        ),
     ]
     ranked = sorted((r.probabilities or {}).items(), key=lambda kv: -kv[1])
     entries.append(("Probabilities", ", ".join(f"{c} {p:.1%}" for c, p in ranked)))
-    explains = f" (explains {class_label(r.attribution_target)})" if r.attribution_target else ""
+    explains = (
+        f" (explains {class_label(r.attribution_target, r.model_version)})"
+        if r.attribution_target
+        else ""
+    )
     entries.append(("Heatmap", ("stored" if r.heatmap_png is not None else "none") + explains))
     if r.metadata_contributions:
         shown = ", ".join(f"{k} {100 * v:+.1f} pp" for k, v in r.metadata_contributions.items())
@@ -283,6 +318,8 @@ def detail_entries(r: PredictionRecord) -> list[tuple[str, str]]:
                 f"{format_time(r.confirmed_at)} UTC{note}",
             )
         )
+    if r.output_files:
+        entries.append(("Files written", ", ".join(r.output_files)))
     entries.append(("Model", f"{r.model_version} (weights sha256 {r.checkpoint_sha256[:12]}…)"))
     entries.append(("Latency", f"{r.latency_ms:.0f} ms"))
     return entries
@@ -311,3 +348,37 @@ def detail_markdown(r: PredictionRecord) -> str:
         else:
             lines.append(f"- **{label}:** {escape_markdown(value)}")
     return "\n".join(lines)
+
+
+# --- delete --------------------------------------------------------------------------------------
+
+
+def delete_record(db: Database, prediction_id: Any) -> bool:
+    """Delete one stored prediction so that it is gone: the row (image, heatmap, thumbnail,
+    note), its bytes in the database files (:meth:`db.session.Database.purge`) and the files a
+    CLI wrote for it and recorded (``scripts.predict --heatmap-dir``). False when no row had the
+    id. The app, the CLI and the API all delete through here.
+
+    Files the app made for display (report PDFs, cached panels, uploads) are the app's to remove.
+    A recorded file that is already gone is fine; one that cannot be removed is a ``DermError``
+    naming it (after the row is deleted), because the user was told the record is gone."""
+    pid = parse_id(prediction_id)
+    with db.session(write=True) as session:
+        files = output_files(session, pid)
+        if not delete_prediction(session, pid):
+            return False
+    db.purge()
+    left: list[str] = []
+    for name in files:
+        path = Path(name)
+        try:
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+        except OSError as exc:
+            left.append(f"{name} ({exc.strerror})")
+    if left:
+        raise DermError(
+            f"Prediction {pid} was deleted, but these files written for it could not be "
+            f"removed: {', '.join(left)}."
+        )
+    return True

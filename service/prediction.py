@@ -17,16 +17,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from common.errors import DatabaseError, DermError
 from data_pipeline.request import PredictionRequest
-from data_pipeline.schema import CLASSES
-from db.models import PredictionRecord, utcnow
+from db.models import FILE_NAME_MAX, PredictionRecord, utcnow
 from db.queries import (
     HistoryFilter,
     as_filter,
+    batch_members,
     confirm_prediction,
     count_predictions,
     counts_per_class_per_day,
-    delete_prediction,
     get_prediction,
+    normalize_batch_id,
     query_predictions,
     thumbnails,
 )
@@ -34,9 +34,20 @@ from db.session import Database, error_reason
 from model.attribution import resize_heatmap
 from model.predictor import Prediction, Predictor
 from service.agreement import Agreement, agreement_for
+from service.history import delete_record
 from service.render import fit_size, heatmap_png, thumbnail_jpeg
 
 FilterLike = HistoryFilter | dict[str, Any] | None
+
+
+def file_name(name: str | None) -> str | None:
+    """The original file name stored with a row: as given (a CLI path, an upload's name, a zip
+    member as ``archive.zip/member``), NUL-free and cut to the stored length (keeping the end,
+    where the extension is); None for the placeholder name of raw bytes."""
+    if not name or name == "image":
+        return None
+    text = str(name).replace("\x00", "\ufffd")
+    return text if len(text) <= FILE_NAME_MAX else "…" + text[-(FILE_NAME_MAX - 1) :]
 
 
 class StorageError(DatabaseError):
@@ -84,16 +95,31 @@ class PredictionService:
     # --- predicting --------------------------------------------------------------------------
 
     def predict_and_store(
-        self, request: PredictionRequest, *, tta: bool = False
+        self, request: PredictionRequest, *, tta: bool = False, batch_id: str | None = None
     ) -> StoredPrediction:
-        """Predict with explanations, then store one row (when there is a database)."""
-        pred = self.predictor.predict(request, explain=True, tta=tta)
+        """Predict with explanations, then store one row (when there is a database);
+        ``batch_id``: the batch run the row belongs to (see :mod:`service.batch`)."""
+        return self.store(request, self.explain(request, tta=tta), batch_id=batch_id)
+
+    def store(
+        self,
+        request: PredictionRequest,
+        pred: Prediction,
+        *,
+        batch_id: str | None = None,
+        output_files: list[str] | None = None,
+    ) -> StoredPrediction:
+        """Store one prediction of ``request`` (one transaction). ``output_files``: files already
+        written for it (e.g. ``scripts.predict --heatmap-dir``), removed when the row is
+        deleted. Without a database nothing is stored."""
         if self.db is None:
             return StoredPrediction(id=None, prediction=pred, stored=False)
 
         record = self._record(pred, request)
+        record.batch_id = normalize_batch_id(batch_id)
+        record.output_files = [str(f) for f in output_files] if output_files else None
         try:
-            with self.db.session() as session:
+            with self.db.session(write=True) as session:
                 session.add(record)
                 session.flush()
                 row_id = int(record.id)
@@ -105,10 +131,11 @@ class PredictionService:
             ) from exc
         return StoredPrediction(id=row_id, prediction=pred, stored=True)
 
-    def explain(self, request: PredictionRequest) -> Prediction:
+    def explain(self, request: PredictionRequest, *, tta: bool = False) -> Prediction:
         """Predict with explanations without storing anything: re-explaining a result for
-        another class (``request.target``) must not add a second history row."""
-        return self.predictor.predict(request, explain=True)
+        another class (``request.target``) must not add a second history row; a CLI that writes
+        files for a prediction before storing it (:meth:`store`) predicts here first."""
+        return self.predictor.predict(request, explain=True, tta=tta)
 
     def _record(self, pred: Prediction, request: PredictionRequest) -> PredictionRecord:
         cfg = self.predictor.config
@@ -130,7 +157,8 @@ class PredictionService:
             site=pred.metadata.site,
             predicted_class=pred.top_class,
             predicted_probability=float(pred.top_probability),
-            probabilities={c: float(pred.probabilities[c]) for c in CLASSES},
+            # the model's own classes, in its order: a row's classes are its model version's
+            probabilities={c: float(p) for c, p in pred.probabilities.items()},
             heatmap_png=heatmap,
             attribution_target=pred.attribution_target,
             metadata_contributions=(
@@ -142,6 +170,7 @@ class PredictionService:
             model_version=pred.model_version,
             checkpoint_sha256=cfg.weights_sha256,
             latency_ms=float(pred.latency_ms),
+            file_name=file_name(request.name),
         )
 
     # --- history -----------------------------------------------------------------------------
@@ -179,17 +208,23 @@ class PredictionService:
         with self._database().session() as session:
             return counts_per_class_per_day(session, as_filter(f))
 
+    def batch_members(self, batch_id: str) -> dict[tuple[str, str], int]:
+        """``{(file name, image sha256): id}`` already stored by a batch (for resuming it)."""
+        with self._database().session() as session:
+            return batch_members(session, batch_id)
+
     def confirm(
         self, prediction_id: int, dx: Any, source: Any, note: Any = None
     ) -> PredictionRecord:
         """Record the confirmed diagnosis of a stored prediction (replacing an earlier one)."""
-        with self._database().session() as session:
+        with self._database().session(write=True) as session:
             return confirm_prediction(session, prediction_id, dx, source, note)
 
     def delete(self, prediction_id: int) -> bool:
-        """Delete a stored prediction; False when no row had that id."""
-        with self._database().session() as session:
-            return delete_prediction(session, prediction_id)
+        """Delete a stored prediction so that it is gone (row, its bytes in the database files,
+        files written for it: :func:`service.history.delete_record`); False when no row had
+        that id."""
+        return delete_record(self._database(), prediction_id)
 
     def agreement(self, f: FilterLike = None) -> Agreement:
         """Model vs confirmed diagnoses over the matching rows (see :mod:`service.agreement`)."""

@@ -5,6 +5,10 @@ analysis and one made months later from the History tab are the same document. D
 matplotlib's PDF backend (no extra dependency): the image and its heatmap side by side, the
 inputs, every probability, the metadata contributions, the warnings, the model version and weights
 hash, the confirmed diagnosis when there is one, the date and the disclaimer.
+
+Stored text (a note, a model version, a file name) is drawn literally: matplotlib's mathtext is
+off for the whole figure, so "paid $5 then $10" keeps its dollars and a note like ``see $\\foo$``
+cannot make the report fail. Probabilities are listed highest first, as the app shows them.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from __future__ import annotations
 import io
 import textwrap
 from datetime import UTC, datetime
+from typing import Any
 
 from common.plotting import pyplot
 from common.text import DISCLAIMER
-from data_pipeline.schema import CLASSES, MALIGNANT, Metadata
+from data_pipeline.schema import Metadata, row_classes
 from db.models import PredictionRecord
 from service.history import class_label, format_age, format_time, short_label
 from service.render import (
@@ -40,8 +45,22 @@ def report_filename(record: PredictionRecord) -> str:
 
 def case_report_pdf(record: PredictionRecord, now: datetime | None = None) -> bytes:
     """One-page PDF of ``record`` (which must have its image columns loaded)."""
+    return case_report(record, now, "pdf")
+
+
+#: Literal text everywhere (no "$...$" mathtext, no TeX); SVG keeps text as text (tests read it).
+LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False, "svg.fonttype": "none"}
+
+
+def case_report(record: PredictionRecord, now: datetime | None = None, fmt: str = "pdf") -> bytes:
+    """The case report of ``record`` in a matplotlib output format (``pdf``; ``svg``)."""
     plt = pyplot()
-    now = now or datetime.now(UTC)
+    # Every text object, made now or when the file is drawn (tick labels), is literal.
+    with plt.rc_context(LITERAL_TEXT):
+        return _draw(plt, record, now or datetime.now(UTC), fmt)
+
+
+def _draw(plt: Any, record: PredictionRecord, now: datetime, fmt: str) -> bytes:
     fig = plt.figure(figsize=A4_INCHES)
     grid = fig.add_gridspec(
         5, 3, height_ratios=[0.55, 2.3, 1.2, 2.0, 1.6], width_ratios=[1, 1, 0.04], hspace=0.55
@@ -92,12 +111,16 @@ def case_report_pdf(record: PredictionRecord, now: datetime | None = None) -> by
 
     facts = fig.add_subplot(grid[2, :])
     facts.axis("off")
-    explains = class_label(record.attribution_target) if record.attribution_target else "—"
+    explains = (
+        class_label(record.attribution_target, record.model_version)
+        if record.attribution_target
+        else "—"
+    )
     lines = [
         f"Inputs: age {format_age(record.age) or 'unknown'}, sex {record.sex}, "
         f"body site {record.site}; image {record.image_width}×{record.image_height} px, "
         f"sha256 {record.image_sha256[:16]}…",
-        f"Top class: {class_label(record.predicted_class)} "
+        f"Top class: {class_label(record.predicted_class, record.model_version)} "
         f"{100 * record.predicted_probability:.1f} %. Heatmap and contributions explain: "
         f"{explains}.",
         f"Model: {record.model_version}; weights sha256 {record.checkpoint_sha256}.",
@@ -113,9 +136,13 @@ def case_report_pdf(record: PredictionRecord, now: datetime | None = None) -> by
     facts.text(0, 1, _wrap("\n".join(lines), 88), fontsize=8.5, va="top", linespacing=1.5)
 
     probs = fig.add_subplot(grid[3, :2])
-    values = [100 * float((record.probabilities or {}).get(c, 0.0)) for c in CLASSES][::-1]
-    names = [short_label(c) for c in CLASSES][::-1]
-    colours = [MALIGNANT_COLOUR if c in MALIGNANT else BENIGN_COLOUR for c in CLASSES][::-1]
+    stored = record.probabilities or {}
+    # Highest first, as the app lists them (barh draws the first bar at the bottom).
+    classes = row_classes(stored, record.model_version)  # the row's model's classes
+    ranked = sorted(classes, key=lambda c: -float(stored.get(c, 0.0)))[::-1]
+    values = [100 * float(stored.get(c, 0.0)) for c in ranked]
+    names = [short_label(c, record.model_version) for c in ranked]
+    colours = [MALIGNANT_COLOUR if c in classes.malignant else BENIGN_COLOUR for c in ranked]
     probs.barh(names, values, color=colours)
     probs.set_xlim(0, 115)
     for y, v in enumerate(values):
@@ -134,6 +161,6 @@ def case_report_pdf(record: PredictionRecord, now: datetime | None = None) -> by
     contrib.set_title("Metadata contributions", fontsize=9)
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="pdf", metadata={"Title": f"DermFusion case {record.id}"})
+    fig.savefig(buf, format=fmt, metadata={"Title": f"DermFusion case {record.id}"})
     plt.close(fig)
     return buf.getvalue()
