@@ -51,6 +51,7 @@ def _check_compatible(configs: list[CheckpointConfig], folders: list[Path]) -> N
             ("architecture", replace(first.model, members=1), replace(cfg.model, members=1)),
             ("preprocessing", first.preprocessing, cfg.preprocessing),
             ("primary source", _data(first, "primary"), _data(cfg, "primary")),
+            ("class set", first.classes, cfg.classes),
             ("metadata vocabulary", first.vocabulary, cfg.vocabulary),
             ("split file", first.training.get("split_sha256"), cfg.training.get("split_sha256")),
         ):
@@ -157,6 +158,7 @@ def ensemble_config(
         name=name or f"{first.name}-ensemble{len(model.nets)}",
         model=model.cfg,
         preprocessing=pre,
+        classes=first.classes,
         vocabulary=first.vocabulary,
         training={
             "command": command,
@@ -276,14 +278,17 @@ def build_ensemble(
     pre = (
         first.preprocessing if geometry is None else replace(first.preprocessing, geometry=geometry)
     )
-    df = load_metadata(data_dir)
+    df = load_metadata(data_dir, classes=first.classes)
     held = {}
     for split in ("val", "test"):
         rows, info = select_rows(df, first, split, None)
         if "warning" in info:  # val must be the members' val, or calibration and selection leak
             raise DataError(f"{info['split_file']}: {info['warning']}.")
         held[split] = eval_loader(rows, pre)
-    external = {source_name(f): eval_loader(load_metadata(f), pre) for f in external_val}
+    external = {
+        source_name(f): eval_loader(load_metadata(f, classes=first.classes), pre)
+        for f in external_val
+    }
     sets = EvalSets(val=held["val"], test=held["test"], external=external)
     ck = ensemble_config(model, configs, name, dtype, command, pre, members=records)
     if class_weights == "fit":

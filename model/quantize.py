@@ -55,8 +55,8 @@ def calibration_rows(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Training images to calibrate on: a class-stratified sample of ``data_dir``'s train split
     (the checkpoint's split file) and of each ``extra`` folder (training sources, used whole)."""
-    ham, info = select_rows(load_metadata(data_dir), cfg, "train", None)
-    frames = [ham] + [load_metadata(folder) for folder in extra]
+    ham, info = select_rows(load_metadata(data_dir, classes=cfg.classes), cfg, "train", None)
+    frames = [ham] + [load_metadata(folder, classes=cfg.classes) for folder in extra]
     picked = [
         g.sample(min(len(g), per_class), random_state=seed)
         for df in frames

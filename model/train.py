@@ -40,7 +40,8 @@ from data_pipeline.dataset import (
     make_weighted_sampler,
     share_counts,
 )
-from data_pipeline.schema import CLASSES
+from data_pipeline.ham10000 import folder_classes
+from data_pipeline.schema import HAM7, ClassSet
 from data_pipeline.sources import Source, class_masks, load_sources
 from data_pipeline.splits import DEFAULT_SPLITS, REPO_ROOT
 from data_pipeline.transforms import DEFAULT_SIZE, AugmentConfig, ImageTransform, Preprocessing
@@ -52,7 +53,13 @@ from model.losses import class_weights, sampled_prior, source_aware_ce
 from model.metrics import headline
 from model.network import DEFAULT_BACKBONE, FusionEnsemble, FusionNet, ModelConfig, Network
 from model.onnx_runtime import export_onnx
-from model.scoring import SELECTION_RULE, EvalSets, calibrate_and_score, selection_score, validate
+from model.scoring import (
+    EvalSets,
+    calibrate_and_score,
+    selection_rule,
+    selection_score,
+    validate,
+)
 
 
 @dataclass
@@ -122,6 +129,8 @@ class TrainData:
     split_hash: str
     #: the counts the sampler's class shares (and the logit-adjusted prior) are computed from
     share_counts: np.ndarray | None = None
+    #: the run's class set: the primary folder's (its dataset.json ``classes``, else HAM10000's)
+    classes: ClassSet = HAM7
 
 
 @dataclass
@@ -193,8 +202,9 @@ def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
     rank, world = distributed.rank(), distributed.world_size()
     if rank != 0:
         distributed.barrier()  # rank 0 first: it may create the split file
+    classes = folder_classes(cfg.data_dir)
     df, sources, split_hash = load_sources(
-        cfg.data_dir, cfg.splits, cfg.extra_train, cfg.external_val, seed=cfg.seed
+        cfg.data_dir, cfg.splits, cfg.extra_train, cfg.external_val, seed=cfg.seed, classes=classes
     )
     if rank == 0:
         distributed.barrier()
@@ -211,7 +221,7 @@ def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
     reference = None
     if cfg.class_share == "primary":
         primary = train_df["source"] == sources[0].name
-        reference = class_counts(train_df.loc[primary, "label"].to_numpy())
+        reference = class_counts(train_df.loc[primary, "label"].to_numpy(), len(classes))
     elif cfg.class_share != "union":
         raise DermError(f"Unknown --class-share {cfg.class_share!r}: use union or primary.")
     sampler = make_weighted_sampler(
@@ -222,6 +232,7 @@ def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
         rank=rank,
         world_size=world,
         reference_counts=reference,
+        n_classes=len(classes),
     )
     train = DataLoader(
         train_ds,
@@ -240,14 +251,20 @@ def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
         test=eval_loader(df[df["split"] == "test"], pre, workers=cfg.workers),
         external=external,
     )
-    counts = class_counts(train_ds.labels)
-    return TrainData(train, sets, counts, sources, split_hash, share_counts(counts, reference))
+    counts = class_counts(train_ds.labels, len(classes))
+    return TrainData(
+        train, sets, counts, sources, split_hash, share_counts(counts, reference), classes
+    )
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> tuple[FusionNet, str]:
+def build_model(
+    cfg: TrainConfig, device: torch.device, classes: ClassSet = HAM7
+) -> tuple[FusionNet, str]:
     """A fresh network (ImageNet backbone), or one warm-started from a trained checkpoint;
     returns it with the version it started from ("" for ImageNet), recorded in the config."""
-    mcfg = ModelConfig(backbone=cfg.backbone, use_metadata=cfg.use_metadata)
+    mcfg = ModelConfig(
+        backbone=cfg.backbone, use_metadata=cfg.use_metadata, num_classes=len(classes)
+    )
     model = FusionNet(mcfg, pretrained=cfg.pretrained and not cfg.init_from)
     init_version = ""
     if cfg.init_from:
@@ -260,6 +277,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[FusionNet, str]
                     f"{len(source.members)} members."
                 )
             source = source.nets[cfg.init_member]
+        if source_cfg.classes.codes != classes.codes:
+            raise DermError(
+                f"{cfg.init_from} predicts {', '.join(source_cfg.classes.codes)}; it cannot "
+                f"initialise a model of {', '.join(classes.codes)}."
+            )
         if source.cfg != mcfg:
             raise DermError(
                 f"{cfg.init_from} is a {source.cfg.backbone} model (metadata: "
@@ -281,7 +303,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.data, self.device = cfg, data, device
         self.dist = dist_info or distributed.DistInfo()
-        model, self.init_version = build_model(cfg, device)
+        model, self.init_version = build_model(cfg, device, data.classes)
         self.model = distributed.prepare_model(model, self.dist, device)
         # What runs forward / backward: DDP under torchrun, else the model itself.
         self.net = distributed.wrap(self.model, self.dist, device)
@@ -366,7 +388,7 @@ class Trainer:
         return cast(tuple[dict, dict], distributed.broadcast(result))
 
     def _validate_epoch(self, epoch: int, train_stats: dict, t0: float) -> tuple[dict, dict]:
-        per_set = validate(self.evaluated, self.data.sets, self.device)
+        per_set = validate(self.evaluated, self.data.sets, self.device, classes=self.data.classes)
         val = per_set["val"]
         row: dict[str, Any] = {
             "epoch": epoch,
@@ -440,16 +462,19 @@ def base_config(
     """What the checkpoint says about how it was made (command, data, recipe)."""
     return dict(
         name=cfg.name or Path(cfg.out).name,
-        model=ModelConfig(backbone=cfg.backbone, use_metadata=cfg.use_metadata),
+        model=ModelConfig(
+            backbone=cfg.backbone, use_metadata=cfg.use_metadata, num_classes=len(data.classes)
+        ),
+        classes=data.classes,
         preprocessing=cfg.preprocessing(),
         training={
             "command": cfg.command,
             "config": asdict(cfg),
-            "split_file": repo_relative(cfg.splits),
+            "split_file": repo_relative(data.sources[0].split_file or cfg.splits),
             "split_sha256": data.split_hash,
             "sources": [s.to_dict() for s in data.sources],
-            "train_class_counts": dict(zip(CLASSES, data.counts.tolist(), strict=True)),
-            "selection_rule": SELECTION_RULE,
+            "train_class_counts": dict(zip(data.classes, data.counts.tolist(), strict=True)),
+            "selection_rule": selection_rule(data.classes),
             "init_from_version": init_version,
             "device": str(device),
             **_distributed_config(dist_info or distributed.DistInfo(), device, cfg.batch_size),
