@@ -4,8 +4,9 @@
     python -m scripts.inspect_data --data-dir /data/HAM10000   # with HAM10000_images_part_1/2
 
 Every image is decoded once, so a corrupt file is found here rather than mid-training. The split
-shown is the one training would use: ``--splits`` if given, else the project's committed split
-file when it covers this dataset, else a fresh lesion-grouped split (``--write-splits`` saves it).
+shown is the one training would use: ``--splits`` if given, else the folder's own ``split``
+column (an imported official split), else the project's committed split file when it covers this
+dataset, else a fresh lesion- (and patient-) grouped split (``--write-splits`` saves it).
 """
 
 from __future__ import annotations
@@ -36,13 +37,15 @@ def choose_splits(df, splits_path: Path | None, seed: int):
         return attach_splits(
             df, load_splits(splits_path)
         ), f"{splits_path} (sha256 {file_sha256(splits_path)[:12]})"
+    if "split" in df.columns:
+        return df, "the folder's official split (its split column)"
     if DEFAULT_SPLITS.is_file():
         committed = load_splits(DEFAULT_SPLITS)
         if set(df["image_id"]) <= set(committed["image_id"]):
             return attach_splits(
                 df, committed
             ), f"{DEFAULT_SPLITS.name} (committed, sha256 {file_sha256(DEFAULT_SPLITS)[:12]})"
-    return attach_splits(df, make_splits(df, seed=seed)), f"new lesion-grouped split, seed {seed}"
+    return attach_splits(df, make_splits(df, seed=seed)), f"new grouped split, seed {seed}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -618,3 +618,11 @@ def test_evaluate_reads_imported_folder(tmp_path, tiny_checkpoint):
     assert m["split"] == "all" and m["n"] == 3  # no split anywhere: scored whole
     with pytest.raises(DataError, match="--split all"):
         evaluate(tmp_path / "i19", tiny_checkpoint, split="test", bootstrap=0)
+
+
+def test_inspect_data_shows_the_official_split(tmp_path):
+    from scripts.inspect_data import choose_splits
+
+    run(derm7pt(tmp_path / "src"), "derm7pt", tmp_path / "d7")
+    df, source = choose_splits(load_metadata(tmp_path / "d7"), None, 42)
+    assert "official split" in source and list(df["split"]) == ["train", "train", "val", "test"]

@@ -164,9 +164,8 @@ def read_csv_mapped(src: Path, mapping_path: Path | None) -> Spec:
 
     notes = [f"columns: {json.dumps(cols)}"]
     if not mapping.get("classes"):
-        notes.append("no 'classes' in the mapping: native classes are the label values")
-    if not any(c.malignant for c in declared):
-        notes.append("no class is marked malignant in the mapping file (native class set)")
+        notes.append("for --classes native: no 'classes' in the mapping, so the label values are")
+        notes[-1] += " the classes and none is marked malignant"
     return Spec(
         name=str(mapping.get("name") or src.name),
         citation=str(mapping.get("citation") or ""),
