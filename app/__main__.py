@@ -1,41 +1,55 @@
-"""Serve the DermFusion web app (research and education only — not a diagnosis).
+"""Serve the DermFusion web app and its REST API (research and education only — not a diagnosis).
 
     python -m app                                   # shipped model, sqlite:///predictions.db
     python -m app --checkpoint runs/fusion --db sqlite:///history.db --port 7861
     python -m app --share --auth alice:s3cret       # temporary public link, password protected
-    python -m app --concurrency 2 --max-queue 64 --max-file-size 20mb   # serving limits (defaults)
+    python -m app --host 0.0.0.0 --auth-file /run/secrets/dermfusion_auth --root-path /dermfusion
+    DERMFUSION_DB_URL=postgresql://app:pw@db/dermfusion python -m app   # configured by environment
 
-The history database is --db, else $SKIN_DB_URL, else sqlite:///predictions.db in the current
-directory. --share asks Gradio for a temporary public *.gradio.live link; without internet no link
-can be made and the app keeps serving locally. Always combine --share with --auth: anyone with
-the link can otherwise use the app and read its prediction history.
+One server on --port: the web app at /, the REST API at /api/v1 (schema: /api/v1/openapi.json,
+page: /api/v1/docs) and GET /healthz (liveness + database reachability, no login). Each flag can
+be given as an environment variable instead (listed at the end); a flag wins over its variable.
+
+The history database is --db, else $DERMFUSION_DB_URL, else $SKIN_DB_URL, else
+sqlite:///predictions.db in the current directory. --share asks Gradio for a temporary public
+*.gradio.live link; without internet no link can be made and the app keeps serving locally.
+Always combine --share (or --host 0.0.0.0) with a login: anyone who reaches the app can otherwise
+use it and read its prediction history. Failed logins slow the client down (--login-delay).
 
 Many users at once: --concurrency predictions run at the same time (default 2, one per core of a
 small server; the predictor is thread-safe), up to --max-queue more wait, and beyond that a
 request is refused at once with "The demo is busy, try again in a moment" instead of waiting
-without bound. Uploads above --max-file-size are refused before they are stored.
+without bound (the REST API has the same limits). Uploads above --max-file-size are refused
+before they are stored. SIGTERM (docker stop) finishes the requests in flight, then exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from app.ui.common import PREDICT_CONCURRENCY
-from app.ui.demo import QUEUE_SIZE
+from app.config import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_FILE_SIZE,
+    DEFAULT_PORT,
+    Settings,
+    add_arguments,
+    environment_help,
+    parse_auth,
+    resolve,
+)
 from common.cli import run_cli
 from common.errors import DermError
 from common.text import DISCLAIMER
-from model.onnx_runtime import RUNTIME_HELP, RUNTIMES
+from common.version import __version__
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7860
-#: Largest accepted upload: a 60-megapixel dermoscopy photo is well under 20 MB as JPEG or PNG.
-DEFAULT_MAX_FILE_SIZE = "20mb"
+__all__ = ["build_parser", "exposure_warnings", "launch", "main", "parse_auth", "run"]
 
 
 @dataclass
@@ -46,117 +60,22 @@ class Served:
     share_url: str | None
 
 
-def parse_auth(text: str) -> tuple[str, str]:
-    """``user:password`` → (user, password); the password may itself contain colons."""
-    user, sep, password = str(text).partition(":")
-    if not sep or not user.strip() or not password:
-        raise argparse.ArgumentTypeError(
-            f"expected USER:PASSWORD (e.g. --auth alice:s3cret), got {text!r}"
-        )
-    return user.strip(), password
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m app", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="python -m app",
+        description=__doc__,
+        epilog=environment_help(),
+        formatter_class=argparse.RawTextHelpFormatter,
     )
-    p.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=None,
-        help="checkpoint folder (default: the shipped model in model/shipped/)",
-    )
-    p.add_argument(
-        "--db",
-        default=None,
-        help="SQLAlchemy URL of the history database "
-        "(default: $SKIN_DB_URL or sqlite:///predictions.db)",
-    )
-    p.add_argument(
-        "--host",
-        default=DEFAULT_HOST,
-        help=f"interface to listen on (default {DEFAULT_HOST}; 0.0.0.0 = all)",
-    )
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    p.add_argument(
-        "--share",
-        action="store_true",
-        help="ask Gradio for a temporary public link (needs internet; use with --auth)",
-    )
-    p.add_argument(
-        "--auth",
-        type=parse_auth,
-        action="append",
-        default=None,
-        metavar="USER:PASSWORD",
-        help="require this login (repeat for several users)",
-    )
-    p.add_argument(
-        "--no-store-images",
-        action="store_true",
-        help="store predictions without image thumbnails (privacy)",
-    )
-    p.add_argument(
-        "--concurrency",
-        type=_positive_int,
-        default=PREDICT_CONCURRENCY,
-        help=f"predictions running at the same time (default {PREDICT_CONCURRENCY})",
-    )
-    p.add_argument(
-        "--max-queue",
-        type=_positive_int,
-        default=QUEUE_SIZE,
-        help=f"requests that may wait; more are refused as busy (default {QUEUE_SIZE})",
-    )
-    p.add_argument(
-        "--max-file-size",
-        type=_file_size,
-        default=DEFAULT_MAX_FILE_SIZE,
-        help=f"largest upload, e.g. 20mb or 500kb (default {DEFAULT_MAX_FILE_SIZE})",
-    )
-    p.add_argument(
-        "--runtime",
-        choices=RUNTIMES,
-        default=None,
-        help=RUNTIME_HELP,
-    )
+    p.add_argument("--version", action="version", version=f"DermFusion {__version__}")
+    add_arguments(p)
     return p
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}")
-    return value
-
-
-_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
-
-
-def _file_size(text: str) -> int:
-    """``20mb`` / ``500kb`` / ``1048576`` → bytes (Gradio's units, 1 kb = 1024 b)."""
-    value = str(text).strip().lower().replace(" ", "")
-    number, unit = value, "b"
-    for suffix in sorted(_UNITS, key=len, reverse=True):
-        if value.endswith(suffix):
-            number, unit = value[: -len(suffix)], suffix
-            break
-    try:
-        size = float(number) * _UNITS[unit]
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"expected a size such as 20mb or 500kb, got {text!r}")
-    return int(size)
 
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-def exposure_warnings(host: str, share: bool, auth: list[tuple[str, str]] | None) -> list[str]:
+def exposure_warnings(host: str, share: bool, auth: Any) -> list[str]:
     """Warnings for serving patient history to others without a login."""
     if auth:
         return []
@@ -179,15 +98,18 @@ def launch(
     host: str = DEFAULT_HOST,
     port: int | None = DEFAULT_PORT,
     share: bool = False,
-    auth: list[tuple[str, str]] | None = None,
+    auth: list[tuple[str, str]] | Callable[[str, str], bool] | None = None,
     quiet: bool = False,
     max_file_size: int | str | None = DEFAULT_MAX_FILE_SIZE,
+    root_path: str = "",
+    app_kwargs: dict[str, Any] | None = None,
 ) -> Served:
     """Start serving ``demo`` without blocking; falls back to local-only when sharing fails.
 
-    Gradio 6 catches a failed share tunnel itself (prints "Could not create share link" and
-    serves locally); older / newer versions may raise instead, so both are handled here.
-    """
+    ``app_kwargs`` go to the FastAPI app Gradio creates (the REST routes, /healthz and the login
+    throttle ride on it: one server). Gradio 6 catches a failed share tunnel itself (prints
+    "Could not create share link" and serves locally); older / newer versions may raise
+    instead, so both are handled here."""
     from app.ui.demo import CSS
 
     for warning in exposure_warnings(host, share, auth):
@@ -206,6 +128,10 @@ def launch(
         # allowed size of N bytes." (the browser checks it before uploading, too)
         "max_file_size": max_file_size,
     }
+    if root_path:
+        kwargs["root_path"] = root_path
+    if app_kwargs:
+        kwargs["app_kwargs"] = app_kwargs
     try:
         demo.launch(share=share, **kwargs)
     except OSError as exc:
@@ -247,43 +173,139 @@ def _share_failed(demo: Any, exc: Exception, kwargs: dict[str, Any]) -> None:
     demo.launch(share=False, **kwargs)
 
 
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM (not an Exception: nothing may swallow it)."""
+
+
+class AppServer:
+    """The one serving process: the prediction service, the Gradio UI, the REST API, /healthz
+    and the login throttle on one uvicorn server, and its graceful stop."""
+
+    def __init__(self, service: Any, settings: Settings) -> None:
+        from starlette.middleware import Middleware
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse
+        from starlette.routing import Mount, Route
+
+        from app.auth import Credentials, LoginThrottle, ThrottledLogin
+        from app.health import DatabaseProbe, Lifecycle, health
+        from app.rest import API_PREFIX, RestApi
+        from app.ui.demo import build_demo
+
+        self.service = service
+        self.settings = settings
+        self.credentials = Credentials(settings.auth)
+        self.throttle = LoginThrottle(settings.login_delay)
+        self.lifecycle = Lifecycle()
+        self.probe = DatabaseProbe(service.db.url) if service.db is not None else None
+        self.rest = RestApi(service, settings, self.credentials, self.throttle, self.lifecycle)
+        self.demo = build_demo(
+            service, concurrency=settings.concurrency, max_queue=settings.max_queue
+        )
+
+        async def healthz(_: Request) -> JSONResponse:
+            from starlette.concurrency import run_in_threadpool
+
+            status, body = await run_in_threadpool(health, self.service, self.probe)
+            return JSONResponse(body, status_code=status)
+
+        self._routes = lambda: [
+            Route("/healthz", healthz, methods=["GET"]),
+            Mount(API_PREFIX, app=self.rest.app),
+        ]
+        self._middleware = lambda: [Middleware(ThrottledLogin, throttle=self.throttle)]
+
+    def app_kwargs(self) -> dict[str, Any]:
+        return {"routes": self._routes(), "middleware": self._middleware()}
+
+    def launch(self, quiet: bool = False) -> Served:
+        s = self.settings
+        served = launch(
+            self.demo,
+            host=s.host,
+            port=s.port,
+            share=s.share,
+            auth=self.credentials if self.credentials else None,
+            quiet=quiet,
+            max_file_size=s.max_file_size,
+            root_path=s.root_path,
+            app_kwargs=self.app_kwargs(),
+        )
+        self.rest.bind_gradio(getattr(self.demo, "server_app", None))
+        return served
+
+    def serve_until_stopped(self) -> None:
+        """Block until Ctrl-C, SIGTERM or the app is closed; then stop gracefully."""
+        from app.health import gradio_jobs
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough
+            raise Terminated
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            self.demo.block_thread()
+        except Terminated:
+            print("SIGTERM: finishing the requests in flight, then stopping.", flush=True)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                drained = self.lifecycle.drain(
+                    lambda: gradio_jobs(self.demo), timeout=self.settings.drain_timeout
+                )
+                if not drained:
+                    print(
+                        f"Stopping with requests still in flight after "
+                        f"{self.settings.drain_timeout:g} s.",
+                        flush=True,
+                    )
+                time.sleep(0.2)  # let the last answers leave their sockets
+                self.close()
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+
+    def close(self) -> None:
+        """Close the server and the database; the UI's export folder goes at exit (atexit)."""
+        with contextlib.suppress(Exception):
+            self.demo.close(verbose=False)
+        if self.probe is not None:
+            self.probe.dispose()
+        self.service.close()
+
+
 def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from app.ui.demo import build_demo as make_frontend
+    settings = resolve(build_parser().parse_args(argv))
     from service.prediction import PredictionService
 
     service = PredictionService.create(
-        args.checkpoint,
-        db_url=args.db,
-        store_images=not args.no_store_images,
-        runtime=args.runtime,
+        settings.checkpoint,
+        db_url=settings.db,
+        store_images=settings.store_images,
+        runtime=settings.runtime,
     )
-    if service.predictor.runtime != "torch":
-        import torch
-
-        # ONNX Runtime runs the network on its own threads; PyTorch is left only the tiny fusion
-        # head (metadata ablation), where one thread avoids OpenMP hand-offs between requests.
-        torch.set_num_threads(1)
+    if service.predictor.runtime == "torch":
+        pass  # PyTorch serves the whole network: leave it its default threads
+    elif "torch" in sys.modules:
+        # ONNX Runtime runs the network on its own threads; where PyTorch is loaded at all it
+        # is left one thread, so OpenMP hand-offs do not compete with ONNX Runtime's.
+        sys.modules["torch"].set_num_threads(1)
     db_url = service.db.display_url if service.db else "none"
+    login = f"{len(settings.auth)} login(s)" if settings.auth else "no login"
     print(
-        f"model {service.predictor.version} on {service.predictor.runtime}; "
-        f"history database {db_url}; {args.concurrency} at once, {args.max_queue} may wait, "
-        f"uploads up to {args.max_file_size / 1024**2:.0f} MB",
+        f"DermFusion {__version__}: model {service.predictor.version} on "
+        f"{service.predictor.runtime}; history database {db_url}; {settings.concurrency} at "
+        f"once, {settings.max_queue} may wait, uploads up to "
+        f"{settings.max_file_size / 1024**2:.0f} MB; {login}"
+        + (f"; served under {settings.root_path}" if settings.root_path else ""),
         flush=True,
     )
-    demo = make_frontend(service, concurrency=args.concurrency, max_queue=args.max_queue)
-    launch(
-        demo,
-        host=args.host,
-        port=args.port,
-        share=args.share,
-        auth=args.auth,
-        max_file_size=args.max_file_size,
-    )
     try:
-        demo.block_thread()
-    finally:
+        server = AppServer(service, settings)
+        server.launch()
+    except BaseException:
         service.close()
+        raise
+    server.serve_until_stopped()
     return 0
 
 

@@ -71,7 +71,9 @@ def own_cpu_s() -> float:
 class AppProcess:
     """``python -m app`` on a free port with a temporary SQLite history, for the benchmark."""
 
-    def __init__(self, extra_args: list[str], folder: Path) -> None:
+    def __init__(
+        self, extra_args: list[str], folder: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.db = folder / "load.db"
         cmd = [
@@ -84,7 +86,7 @@ class AppProcess:
             f"sqlite:///{self.db}",
             *extra_args,
         ]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.proc = subprocess.Popen(
             cmd,
             cwd=REPO,
@@ -135,13 +137,14 @@ class AppProcess:
         finally:
             db.dispose()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (the app finishes what is in flight), then wait; the exit code."""
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=30)
+            return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait()
+            return self.proc.wait()
 
 
 def run_clients(url: str, clients: int, requests: int) -> dict[str, Any]:

@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from app.__main__ import _file_size, build_parser, launch
+from app.__main__ import build_parser, launch
+from app.config import file_size, resolve
 from app.frontend import BUSY_MESSAGE, EXAMPLES_DIR, make_frontend
 from data_pipeline.images import WORKING_SIDE, read_image
 from data_pipeline.request import PredictionRequest
@@ -306,9 +307,9 @@ def _free_port() -> int:
 
 
 def test_serving_flags_parse():
-    args = build_parser().parse_args([])
-    assert (args.concurrency, args.max_queue, args.max_file_size) == (2, 64, 20 * 1024**2)
-    assert _file_size("500kb") == 500 * 1024 and _file_size("1048576") == 1048576
+    s = resolve(build_parser().parse_args([]), {})
+    assert (s.concurrency, s.max_queue, s.max_file_size) == (2, 64, 20 * 1024**2)
+    assert file_size("500kb") == 500 * 1024 and file_size("1048576") == 1048576
     for bad in (["--max-file-size", "big"], ["--concurrency", "0"], ["--max-queue", "-3"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(bad)
