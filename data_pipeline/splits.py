@@ -193,25 +193,43 @@ def primary_split(
 
     * ``splits_path`` given and not the committed default: that file (made there if absent);
     * else the folder's own ``split`` column (a publisher's official split): the file is the
-      folder's CSV, which holds the split file's columns;
+      folder's CSV, which holds the split file's columns — when the official split has no
+      validation part (ISIC 2019: training and test only), a grouped val part is carved out of
+      its training part and the result saved (:func:`folder_split_path`); its test part stays;
     * else the committed HAM10000 split when it covers the folder (HAM10000 as today);
-    * else a lesion- and patient-grouped split made for the folder and saved
-      (:func:`folder_split_path`).
+    * else a lesion- and patient-grouped split made for the folder and saved.
     """
     default = splits_path is None or Path(splits_path).resolve() == DEFAULT_SPLITS.resolve()
-    if default and "split" in df.columns:
+    own = default and "split" in df.columns
+    if own and not (df["split"] == "train").any():
+        raise DataError(
+            f"{csv_path}: the official split has no train rows; pass --splits NEW.csv to have a "
+            "grouped split made for this folder."
+        )
+    if own and (df["split"] == "val").any():
         return df, file_sha256(csv_path), Path(csv_path)
     path = DEFAULT_SPLITS if splits_path is None else Path(splits_path)
-    if default and path.is_file() and not covers(df, load_splits(path)):
+    if own or (default and path.is_file() and not covers(df, load_splits(path))):
         path = folder_split_path(data_dir, csv_path, seed)
     if not path.is_file():
         try:
-            save_splits(make_splits(df, seed=seed), path)
+            save_splits(_carve_val(df, seed) if own else make_splits(df, seed=seed), path)
         except OSError as exc:
             raise DataError(
                 f"Cannot write the split file {path} ({exc.strerror}); pass --splits PATH."
             ) from None
     return attach_splits(df, load_splits(path), str(path)), file_sha256(path), path
+
+
+def _carve_val(df: pd.DataFrame, seed: int, val_frac: float = 0.15) -> pd.DataFrame:
+    """The folder's official split with a grouped, stratified val part taken from its train
+    part (for a release that publishes no validation set)."""
+    out = df[["image_id", "lesion_id", "dx", "split"]].copy().reset_index(drop=True)
+    train = np.flatnonzero(out["split"].to_numpy() == "train")
+    part = df.iloc[train]
+    held = _one_fold(part["dx"].to_numpy(), split_groups(part), val_frac, seed + 1)
+    out.loc[train[held], "split"] = "val"
+    return out
 
 
 def select_split(

@@ -224,6 +224,7 @@ def test_isic_archive_old_and_hierarchical_columns(tmp_path):
                 "sex": "male",
                 "lesion_id": "IL_1",
                 "patient_id": "IP_9",
+                "copyright_license": "CC-BY",
             },
             {
                 "isic_id": "ISIC_A2",
@@ -233,13 +234,16 @@ def test_isic_archive_old_and_hierarchical_columns(tmp_path):
                 "sex": "",
                 "lesion_id": "",
                 "patient_id": "",
+                "copyright_license": "CC-BY",
             },
         ],
     )
     for k in (1, 2):
         img(old / f"ISIC_A{k}.jpg", k, "JPEG")
-    _, df = run(old, "isic-archive", tmp_path / "old_out")
+    manifest, df = run(old, "isic-archive", tmp_path / "old_out")
     assert list(df["dx"]) == ["bcc"] and list(df["localization"]) == ["trunk"]
+    assert manifest["licence"] == "CC-BY (2 images)"
+    assert list(df["patient_id"]) == ["IP_9"]
     new = tmp_path / "new"
     mel = ("Malignant", "Malignant melanocytic proliferations (Melanoma)", "Melanoma in situ")
     seb = ("Benign", "Benign epidermal proliferations", "Seborrheic keratosis")
@@ -552,6 +556,36 @@ def test_cli_refuses_existing_out_and_leaves_no_half_folder(tmp_path, monkeypatc
 # --- the rest of the project reads an imported folder --------------------------------------------
 
 
+def clinic(tmp_path: Path, name: str, official: bool = False) -> Path:
+    """A 60-image csv import: 30 patients × 2 lesions; ``official``: a train / test split."""
+    rows = []
+    for k in range(60):
+        p = k // 2
+        label = ["mel", "nv", "bkl"][p % 3]
+        rows.append({"image": f"I{k}", "label": label, "patient": f"P{p}", "lesion": f"L{k}"})
+        if official:
+            rows[-1]["part"] = "test" if p >= 24 else "train"
+        img(tmp_path / "clinic" / f"I{k}.png", k)
+    write_csv(tmp_path / "clinic" / "x.csv", rows)
+    columns = {"image": "image", "label": "label", "patient": "patient", "lesion": "lesion"}
+    mapping = tmp_path / "m.json"
+    mapping.write_text(json.dumps({"columns": columns | ({"split": "part"} if official else {})}))
+    run(tmp_path / "clinic", "csv", tmp_path / name, mapping=mapping)
+    return tmp_path / name
+
+
+def test_official_split_without_val_gets_a_val_part_from_train(tmp_path, monkeypatch):
+    monkeypatch.setattr(splits_module, "REPO_ROOT", tmp_path / "repo")
+    folder = clinic(tmp_path, "trtest", official=True)
+    table, sources, _ = load_sources(folder, DEFAULT_SPLITS)
+    official = load_metadata(folder).set_index("image_id")["split"]
+    got = table.set_index("image_id")["split"]
+    assert (got[official == "test"] == "test").all()  # the official test part is kept
+    assert set(got[official == "train"]) == {"train", "val"}
+    assert (table.groupby("patient_id")["split"].nunique() == 1).all()
+    assert Path(sources[0].split_file).parent == tmp_path / "repo" / "splits"
+
+
 def test_load_sources_uses_official_split_or_makes_grouped_one(tmp_path, monkeypatch):
     monkeypatch.setattr(splits_module, "REPO_ROOT", tmp_path / "repo")
     run(derm7pt(tmp_path / "src"), "derm7pt", tmp_path / "d7")
@@ -560,34 +594,7 @@ def test_load_sources_uses_official_split_or_makes_grouped_one(tmp_path, monkeyp
     assert sources[0].split_file == str(tmp_path / "d7" / "HAM10000_metadata.csv")
     assert digest == sha(tmp_path / "d7" / "HAM10000_metadata.csv")
     # no split column: a lesion- and patient-grouped split is made once and saved
-    rows, k = [], 0
-    for p in range(30):
-        for lesion in range(2):
-            rows.append(
-                {
-                    "image": f"I{k}",
-                    "label": ["mel", "nv", "bkl"][p % 3],
-                    "patient": f"P{p}",
-                    "lesion": f"P{p}L{lesion}",
-                }
-            )
-            img(tmp_path / "clinic" / f"I{k}.png", k)
-            k += 1
-    write_csv(tmp_path / "clinic" / "x.csv", rows)
-    mapping = tmp_path / "m.json"
-    mapping.write_text(
-        json.dumps(
-            {
-                "columns": {
-                    "image": "image",
-                    "label": "label",
-                    "patient": "patient",
-                    "lesion": "lesion",
-                }
-            }
-        )
-    )
-    run(tmp_path / "clinic", "csv", tmp_path / "clinic_out", mapping=mapping)
+    clinic(tmp_path, "clinic_out")
     table, sources, _ = load_sources(tmp_path / "clinic_out", DEFAULT_SPLITS)
     saved = Path(sources[0].split_file)
     assert saved.parent == tmp_path / "repo" / "splits" and saved.is_file()

@@ -492,6 +492,14 @@ def _deepest(path: str, table: dict[str, str | None], sep: str, skip_first: bool
     return None
 
 
+def _licences(df: pd.DataFrame) -> str:
+    """The images' licences as the export lists them (``copyright_license``), with counts."""
+    if "copyright_license" not in df.columns:
+        return ""
+    counts = Counter(v.strip() for v in df["copyright_license"] if v.strip())
+    return "; ".join(f"{lic} ({n} images)" for lic, n in counts.most_common())
+
+
 def read_isic_archive(src: Path) -> Spec:
     csv_path = find_optional(src, ["metadata.csv"]) or next(
         (p for p in sorted(src.glob("*.csv")) if "isic_id" in p.read_text(errors="replace")[:2000]),
@@ -577,7 +585,7 @@ def read_isic_archive(src: Path) -> Spec:
         name=f"ISIC Archive export ({csv_path.name})",
         citation="International Skin Imaging Collaboration (ISIC) Archive, "
         "https://www.isic-archive.com; cite each image's attribution (column 'attribution').",
-        licence=ISIC_LICENCE,
+        licence=_licences(df) or ISIC_LICENCE,
         rows=rows,
         inputs=[csv_path],
         ham7=ham7,
