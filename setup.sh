@@ -2,7 +2,8 @@
 # Set up a virtual environment in .venv with the project installed (editable).
 #   ./setup.sh          runtime dependencies (app, CLIs, training)
 #   ./setup.sh --dev    + test/lint/type-check tools, the PostgreSQL driver, and (as root, via apt)
-#                       Debian chromium for the browser test and postgresql for the database tests
+#                       Debian chromium for the browser test, postgresql for the database tests
+#                       and nginx for the reverse-proxy test
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -18,11 +19,13 @@ echo "installing dermfusion${extra} in editable mode (torch and friends: this ca
 .venv/bin/python -m pip install -q -e ".${extra}"
 if [[ -n "$extra" ]]; then
   # Debian packages the tests need: chromium (browser test), postgresql (initdb / pg_ctl for the
-  # throw-away server of the PostgreSQL tests; no cluster is started by the tests' own means).
+  # throw-away server of the PostgreSQL tests; no cluster is started by the tests' own means),
+  # nginx (tests/test_proxy.py starts its own on a free port with a temporary config).
   missing=()
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 \
     || missing+=(postgresql)
+  command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
   if [[ ${#missing[@]} -gt 0 ]]; then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
       echo "installing Debian ${missing[*]} for the tests..."

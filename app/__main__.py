@@ -185,11 +185,11 @@ class AppServer:
         from starlette.middleware import Middleware
         from starlette.requests import Request
         from starlette.responses import JSONResponse
-        from starlette.routing import Mount, Route
+        from starlette.routing import Route
 
         from app.auth import Credentials, LoginThrottle, ThrottledLogin
         from app.health import DatabaseProbe, Lifecycle, health
-        from app.rest import API_PREFIX, RestApi
+        from app.rest import MountedApi, RestApi
         from app.ui.demo import build_demo
 
         self.service = service
@@ -209,11 +209,11 @@ class AppServer:
             status, body = await run_in_threadpool(health, self.service, self.probe)
             return JSONResponse(body, status_code=status)
 
-        self._routes = lambda: [
-            Route("/healthz", healthz, methods=["GET"]),
-            Mount(API_PREFIX, app=self.rest.app),
+        self._routes = lambda: [Route("/healthz", healthz, methods=["GET"])]
+        self._middleware = lambda: [
+            Middleware(MountedApi, api=self.rest.app),
+            Middleware(ThrottledLogin, throttle=self.throttle),
         ]
-        self._middleware = lambda: [Middleware(ThrottledLogin, throttle=self.throttle)]
 
     def app_kwargs(self) -> dict[str, Any]:
         return {"routes": self._routes(), "middleware": self._middleware()}

@@ -55,6 +55,32 @@ MAX_ID = 2**63 - 1
 MULTIPART_SLACK = 64 * 1024
 
 
+class MountedApi:
+    """ASGI middleware handing ``API_PREFIX`` to the REST app, with or without a proxy's sub-path.
+
+    Why not Starlette's ``Mount``: behind a proxy that strips ``/dermfusion`` the app's
+    ``root_path`` is ``/dermfusion`` while request paths lack it, and a ``Mount`` then passes the
+    sub-app a path its routes cannot match. Here the sub-app always gets ``root_path`` = the
+    public prefix + ``/api/v1`` and a path under it, so its routes match and its docs page finds
+    ``openapi.json`` at the public URL."""
+
+    def __init__(self, app: Any, api: Any, prefix: str = API_PREFIX) -> None:
+        self.app = app
+        self.api = api
+        self.prefix = prefix
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") == "http":
+            root = str(scope.get("root_path", "") or "")
+            path = str(scope.get("path", ""))
+            route = path[len(root) :] if root and path.startswith(root + "/") else path
+            if route == self.prefix or route.startswith(self.prefix + "/"):
+                child = {**scope, "root_path": root + self.prefix, "path": root + route}
+                await self.api(child, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class ApiError(Exception):
     """An answer with a status and a one-line message (``{"error": message}``)."""
 
