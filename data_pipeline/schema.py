@@ -183,6 +183,8 @@ MALIGNANT: frozenset[str] = HAM7.malignant
 #: only class codes (its probabilities' keys); its display names are its model's, when that
 #: model has been loaded here (see :func:`class_name`).
 _LOADED: dict[str, ClassSet] = {}
+#: Class codes found in a history database opened here (no names: its models may not be loaded).
+_STORED: dict[str, None] = {}
 
 
 def remember_classes(model_version: str, classes: ClassSet) -> None:
@@ -212,13 +214,14 @@ def class_name(code: str, model_version: str | None = None) -> str:
 
 def row_classes(codes: Iterable[str], model_version: str | None = None) -> ClassSet:
     """The class set of a stored prediction from its probabilities' keys: its model's when that
-    model is loaded here, HAM10000's for HAM10000's codes (and for a row without any), else the
-    codes with the names :func:`class_name` gives and HAM10000's malignancy."""
+    model is loaded here, HAM10000's when every code is one of HAM10000's (missing ones had
+    probability 0), else the codes with the names :func:`class_name` gives and HAM10000's
+    malignancy."""
     codes = tuple(codes)
     own = classes_of(model_version)
     if own is not None and set(own.codes) == set(codes):
         return own
-    if len(codes) < 2 or set(codes) == set(HAM7.codes):
+    if len(codes) < 2 or set(codes) <= set(HAM7.codes):
         return HAM7
     try:
         return ClassSet.build(
@@ -228,12 +231,19 @@ def row_classes(codes: Iterable[str], model_version: str | None = None) -> Class
         return HAM7
 
 
+def remember_codes(codes: Iterable[str]) -> None:
+    """Record the class codes a history database holds (e.g. ``scripts.query_history`` without
+    a model), so its filters accept them."""
+    _STORED.update(dict.fromkeys(c for c in codes if CODE_PATTERN.fullmatch(str(c))))
+
+
 def known_codes() -> tuple[str, ...]:
-    """HAM10000's codes, then those of every model loaded here: what a history filter or an
-    explanation target may name."""
+    """HAM10000's codes, then those of every model loaded here and of a history database opened
+    here: what a history filter, a confirmed diagnosis or an explanation target may name."""
     codes = dict.fromkeys(HAM7.codes)
     for classes in _LOADED.values():
         codes.update(dict.fromkeys(classes.codes))
+    codes.update(_STORED)
     return tuple(codes)
 
 

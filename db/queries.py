@@ -357,6 +357,23 @@ def counts_per_class_per_day(
     return sorted(rows, key=lambda r: (r[0], order.get(r[1], len(order)), r[1]))
 
 
+def classes_by_model_version(session: Session, versions: list[str]) -> dict[str, tuple[str, ...]]:
+    """Each model version's class codes, in its order: the keys of one of its rows' stored
+    probabilities (a row's classes are its model's)."""
+    P = PredictionRecord
+    out = {}
+    for v in versions:
+        probs = session.scalar(select(P.probabilities).where(P.model_version == v).limit(1))
+        out[v] = tuple(probs or ())
+    return out
+
+
+def stored_classes(session: Session) -> tuple[str, ...]:
+    """The top classes stored rows hold (their models' class codes), sorted."""
+    stmt = select(PredictionRecord.predicted_class).distinct()
+    return tuple(sorted(str(c) for c in session.scalars(stmt)))
+
+
 def thumbnails(session: Session, ids: list[int]) -> dict[int, bytes | None]:
     """``{id: thumbnail}`` of the given rows (one query; a table's page of thumbnails)."""
     if not ids:

@@ -30,7 +30,7 @@ import sys
 from common.cli import run_cli
 from common.errors import DatabaseError, DermError
 from common.text import DISCLAIMER
-from data_pipeline.schema import CLASSES
+from data_pipeline.schema import CLASSES, remember_codes
 from db.models import CONFIRM_SOURCES
 from db.queries import (
     HistoryFilter,
@@ -40,22 +40,24 @@ from db.queries import (
     counts_per_class_per_day,
     get_prediction,
     query_predictions,
+    stored_classes,
 )
 from db.session import Database, resolve_db_url, sqlite_path
 from service.agreement import (
-    CONFUSION_HEADERS,
     PER_CLASS_HEADERS,
     VERSION_HEADERS,
     agreement_for,
+    confusion_headers,
     confusion_rows,
     per_class_rows,
     summary_lines,
     version_rows,
 )
 from service.history import (
-    CSV_COLUMNS,
     TABLE_COLUMNS,
     class_label,
+    csv_codes,
+    csv_columns,
     csv_row,
     delete_record,
     detail_text,
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="CLASS",
-        help=f"top class is one of these ({' '.join(CLASSES)})",
+        help=f"top class is one of these ({' '.join(CLASSES)}, or another stored model's codes)",
     )
     p.add_argument("--since", default=None, metavar="YYYY-MM-DD", help="from this UTC day on")
     p.add_argument(
@@ -173,7 +175,8 @@ def show_one(db: Database, args: argparse.Namespace) -> None:
         if args.format == "json":
             print(json.dumps(record_dict(row, include_heatmap=True), indent=2))
         elif args.format == "csv":
-            print(to_csv(CSV_COLUMNS, [csv_row(row)]))
+            codes = csv_codes([row])  # its model's classes
+            print(to_csv(csv_columns(codes), [csv_row(row, codes)]))
         else:
             print(detail_text(row))
 
@@ -199,7 +202,8 @@ def show_rows(db: Database, f: HistoryFilter, args: argparse.Namespace) -> None:
     if args.format == "json":
         print(json.dumps([record_dict(r, include_heatmap=True) for r in rows], indent=2))
     elif args.format == "csv":
-        print(to_csv(CSV_COLUMNS, [csv_row(r) for r in rows]))
+        codes = csv_codes(rows)  # the classes of the rows' models
+        print(to_csv(csv_columns(codes), [csv_row(r, codes) for r in rows]))
     else:
         print(render_table(TABLE_COLUMNS, [table_row(r) for r in rows]))
         first = args.offset + 1 if rows else 0
@@ -236,12 +240,12 @@ def show_agreement(db: Database, f: HistoryFilter, fmt: str) -> None:
         print(json.dumps(a.to_dict(), indent=2))
         return
     if fmt == "csv":
-        print(to_csv(CONFUSION_HEADERS, confusion_rows(a)))
+        print(to_csv(confusion_headers(a), confusion_rows(a)))
         return
     print("\n".join(summary_lines(a)))
     if a.n_confirmed:
         print("\nConfusion matrix (rows: confirmed diagnosis, columns: model's top class)")
-        print(render_table(CONFUSION_HEADERS, confusion_rows(a)))
+        print(render_table(confusion_headers(a), confusion_rows(a)))
         print()
         print(render_table(PER_CLASS_HEADERS, per_class_rows(a)))
         print()
@@ -253,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.confirm is not None and args.delete is not None:
         raise DermError("Use --confirm or --delete, not both.")
-    # with --confirm, --dx is the confirmed diagnosis, not a filter
-    f = history_filter(args) if args.confirm is None else HistoryFilter()
     db = open_existing(args.db)
     try:
+        with db.session() as session:  # a row's classes are its model's: accept those stored
+            remember_codes(stored_classes(session))
+        # with --confirm, --dx is the confirmed diagnosis, not a filter
+        f = history_filter(args) if args.confirm is None else HistoryFilter()
         if args.confirm is not None:
             confirm(db, args)
         elif args.delete is not None:

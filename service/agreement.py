@@ -29,9 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.schema import CLASSES, MELANOMA, classes_of, known_codes
+from data_pipeline.schema import CLASSES, MELANOMA, classes_of
 from db.models import OTHER
-from db.queries import HistoryFilter, confirmed_pairs, count_by_model_version
+from db.queries import (
+    HistoryFilter,
+    classes_by_model_version,
+    confirmed_pairs,
+    count_by_model_version,
+)
 from db.session import Database
 from model.metrics import confusion_matrix
 
@@ -46,22 +51,14 @@ CONFIRMED_LABELS: tuple[str, ...] = confirmed_labels(CLASSES)
 
 
 def classes_for(
-    pairs: Sequence[tuple[str, str]], model_versions: Sequence[str | None] = ()
+    pairs: Sequence[tuple[str, str]], model_classes: Sequence[Sequence[str]] = ()
 ) -> tuple[str, ...]:
-    """The class codes an agreement is over: HAM10000's when every code of ``pairs`` is one,
-    else the class sets of the given model versions loaded here (in order), then any other
-    code the rows use."""
-    used = dict.fromkeys(c for pair in pairs for c in pair if c != OTHER)
-    if set(used) <= set(CLASSES):
-        return CLASSES
-    codes: dict[str, None] = {}
-    for version in model_versions:
-        own = classes_of(version)
-        if own is not None:
-            codes.update(dict.fromkeys(own.codes))
-    order = {c: i for i, c in enumerate(known_codes())}
-    codes.update(dict.fromkeys(sorted(set(used) - set(codes), key=lambda c: order.get(c, 1e9))))
-    return tuple(codes)
+    """The class codes an agreement is over: HAM10000's when every code of ``pairs`` and of
+    the models' classes (``model_classes``, each in logit order) is one, else the models'
+    classes in order, then any other code the pairs use."""
+    codes = dict.fromkeys(c for classes in model_classes for c in classes)
+    codes.update(dict.fromkeys(c for pair in pairs for c in pair if c != OTHER))
+    return CLASSES if set(codes) <= set(CLASSES) else tuple(codes)
 
 
 @dataclass
@@ -143,12 +140,17 @@ def agreement_for(db: Database, f: HistoryFilter | None = None) -> Agreement:
     with db.session() as session:
         rows = confirmed_pairs(session, f)
         totals = count_by_model_version(session, f)
-    versions = sorted({v for _, _, v in rows})
+        versions = sorted({v for _, _, v in rows})
+        stored = classes_by_model_version(session, versions)
+    # each version's classes: its loaded model's, else those its stored rows hold
+    classes = {v: (own.codes if (own := classes_of(v)) else stored[v]) for v in versions}
     pairs = [(p, c) for p, c, _ in rows]
-    out = compute_agreement(pairs, sum(totals.values()), classes_for(pairs, versions))
+    out = compute_agreement(pairs, sum(totals.values()), classes_for(pairs, list(classes.values())))
     for v in versions:
-        own = [(p, c) for p, c, w in rows if w == v]
-        out.by_model_version[v] = compute_agreement(own, totals.get(v, 0), classes_for(own, [v]))
+        mine = [(p, c) for p, c, w in rows if w == v]
+        out.by_model_version[v] = compute_agreement(
+            mine, totals.get(v, 0), classes_for(mine, [classes[v]])
+        )
     return out
 
 

@@ -249,6 +249,15 @@ def csv_row(r: PredictionRecord, codes: Sequence[str] = CLASSES) -> list[Any]:
     return [d[c] for c in csv_columns(codes)]
 
 
+def csv_codes(records: Iterable[PredictionRecord]) -> tuple[str, ...]:
+    """The ``p_`` columns for these rows: HAM10000's codes and every loaded model's
+    (:func:`known_codes`), then any other code the rows' probabilities hold."""
+    codes = dict.fromkeys(known_codes())
+    for r in records:
+        codes.update(dict.fromkeys(r.probabilities or {}))
+    return tuple(codes)
+
+
 def write_csv_rows(
     fh: TextIO, headers: Sequence[str], rows: Iterable[Sequence[Any]], lineterminator: str = "\n"
 ) -> None:

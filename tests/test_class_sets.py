@@ -78,6 +78,20 @@ def train(data: Path, out: Path) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _forget_loaded_models():
+    """Loading a model registers its class set for the process (see ``schema.class_name``);
+    restore the registry so later test modules see only what they load themselves."""
+    from data_pipeline import schema
+
+    loaded, stored = dict(schema._LOADED), dict(schema._STORED)
+    yield
+    schema._LOADED.clear()
+    schema._LOADED.update(loaded)
+    schema._STORED.clear()
+    schema._STORED.update(stored)
+
+
 @pytest.fixture(scope="module")
 def ph2_run(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("ph2")
@@ -153,7 +167,7 @@ def test_evaluate_reads_the_models_classes(ph2_run, tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_predictor_serves_and_history_stores_its_classes(ph2_run, tmp_path: Path):
+def test_predictor_serves_and_history_stores_its_classes(ph2_run, tmp_path: Path, capsys):
     from data_pipeline.request import PredictionRequest
     from db.session import Database
     from model.predictor import Predictor
@@ -172,7 +186,8 @@ def test_predictor_serves_and_history_stores_its_classes(ph2_run, tmp_path: Path
     torch_pred = Predictor.from_checkpoint(run, runtime="torch").predict(image, age=40)
     assert torch_pred.probabilities == pytest.approx(pred.probabilities, abs=1e-4)
 
-    service = PredictionService(predictor, Database(f"sqlite:///{tmp_path / 'h.db'}"))
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    service = PredictionService(predictor, Database(url))
     try:
         stored = service.predict_and_store(PredictionRequest.build(image, age=40))
         row = service.get(stored.id)
@@ -189,6 +204,17 @@ def test_predictor_serves_and_history_stores_its_classes(ph2_run, tmp_path: Path
         assert row_classes(row.probabilities, row.model_version) == PH2
     finally:
         service.close()
+
+    from data_pipeline import schema
+    from scripts import query_history
+
+    schema._LOADED.clear()  # as in a fresh process: the CLI loads no model
+    argv = ["--db", url, "--dx", row.predicted_class, "--format", "csv"]
+    assert run_cli(query_history.main, argv) == 0
+    header, line = capsys.readouterr().out.splitlines()[:2]
+    assert "p_cnv" in header and "p_anv" in header and line.startswith(f"{row.id},")
+    assert run_cli(query_history.main, ["--db", url, "--agreement"]) == 0
+    assert "confirmed  cnv  anv  mel  total" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -31,7 +31,11 @@ def agreement_report(
         a = service.agreement(f)
     return {
         "agreement_summary": views.agreement_markdown(a) + f"\n\n*Filter: {f.describe()}.*",
-        "confusion": agreement_view.confusion_rows(a),
+        # columns are the rows' models' classes (HAM10000's 7 for the shipped model)
+        "confusion": {
+            "headers": agreement_view.confusion_headers(a),
+            "data": agreement_view.confusion_rows(a),
+        },
         "per_class": agreement_view.per_class_rows(a),
         "by_version": agreement_view.version_rows(a),
         "agreement": a.to_dict(),
@@ -44,7 +48,7 @@ def build_agreement_ui(service: PredictionService) -> tuple[Components, Callable
     gr.Markdown(
         "How the model's top class agrees with the **confirmed diagnoses** recorded in History, "
         "on your own patients. Only predictions with a confirmed diagnosis count; `other` means "
-        "a lesion outside the model's 7 classes (it always counts as a miss)."
+        "a lesion outside the model's classes (it always counts as a miss)."
     )
     ui = history_filters()
     run_btn = gr.Button("Compute agreement", variant="primary")
