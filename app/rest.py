@@ -209,14 +209,16 @@ class RestApi:
 
     def _csv(self, f: HistoryFilter) -> str:
         buf = io.StringIO()
-        rows, offset = [], 0
+        records, offset = [], 0
         while True:
             page = self.service.history(f, limit=PAGE_LIMIT, offset=offset, images=False)
-            rows += [history.csv_row(r) for r in page]
+            records += page
             if len(page) < PAGE_LIMIT:
                 break
             offset += PAGE_LIMIT
-        history.write_csv_rows(buf, history.CSV_COLUMNS, rows, lineterminator="\r\n")
+        codes = history.csv_codes(records)  # a p_ column per class of the rows' models
+        rows = [history.csv_row(r, codes) for r in records]
+        history.write_csv_rows(buf, history.csv_columns(codes), rows, lineterminator="\r\n")
         return buf.getvalue()
 
     def _delete(self, row_id: int) -> None:
