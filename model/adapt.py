@@ -40,6 +40,7 @@ import copy
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ from common.errors import DataError, DermError
 from common.plotting import pyplot
 from data_pipeline.dataset import class_counts, make_weighted_sampler
 from data_pipeline.ham10000 import find_metadata_csv, load_metadata
-from data_pipeline.schema import CLASSES
+from data_pipeline.schema import HAM7, ClassSet
 from data_pipeline.sources import source_name
 from data_pipeline.splits import REPO_ROOT, SPLITS, file_sha256, make_splits, save_splits
 from data_pipeline.transforms import Preprocessing
@@ -78,7 +79,7 @@ from model.metrics import compute_metrics, headline
 from model.network import FusionEnsemble, FusionNet, Network
 from model.onnx_runtime import export_onnx
 from model.ood import flag_rates
-from model.scoring import SELECTION_RULE, EvalSets, calibrate_and_score, selection_score
+from model.scoring import EvalSets, calibrate_and_score, selection_rule, selection_score
 from model.train import lr_lambda, repo_relative, seed_everything
 
 #: Figures printed and plotted before / after (keys of model.bootstrap.reported_metrics).
@@ -158,7 +159,9 @@ def _carve(df: pd.DataFrame, part: str, seed: int) -> pd.DataFrame:
     train = df.index[df["split"] == "train"]
     rows = df.loc[train].assign(lesion_id=_groups(df.loc[train]).to_numpy())
     try:
-        carved = make_splits(rows, seed=seed)
+        with warnings.catch_warnings():  # small classes: sklearn warns that it cannot stratify
+            warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+            carved = make_splits(rows, seed=seed)
     except DataError as exc:
         raise AdaptError(f"cannot hold out a {part} part: {exc}") from None
     df = df.copy()
@@ -317,6 +320,8 @@ class Cache:
     image_ids: list[str]
     lesion_ids: list[str]
     before_logits: np.ndarray
+    #: the parent model's classes, which the labels index
+    classes: ClassSet = HAM7
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -334,6 +339,7 @@ class Cache:
             [self.image_ids[i] for i in index],
             [self.lesion_ids[i] for i in index],
             self.before_logits[index],
+            self.classes,
         )
 
     def member(self, k: int) -> Cache:
@@ -344,6 +350,7 @@ class Cache:
             self.image_ids,
             self.lesion_ids,
             self.before_logits,
+            self.classes,
         )
 
 
@@ -377,6 +384,7 @@ def build_cache(
     device: str,
     batch_size: int = 64,
     label: str = "",
+    classes: ClassSet = HAM7,
 ) -> Cache:
     """Run every image of ``df`` once through the frozen start of each network, keeping the
     activations and the parent's own logits."""
@@ -405,6 +413,7 @@ def build_cache(
         df["image_id"].astype(str).tolist(),
         df["lesion_id"].astype(str).tolist(),
         np.concatenate(before),
+        classes,
     )
 
 
@@ -419,7 +428,7 @@ def _freeze_batchnorm(module: nn.Module) -> None:
 
 def _val_metrics(tail: Tail, cache: Cache, device: str) -> dict:
     logits, labels, _ = collect_outputs(cast(Network, tail), cache_loader(cache), device)
-    return compute_metrics(labels, softmax(logits), CLASSES)
+    return compute_metrics(labels, softmax(logits), cache.classes)
 
 
 def tune_network(
@@ -429,7 +438,7 @@ def tune_network(
     best validation selection score (epoch 0: unchanged); returns the history."""
     seed_everything(seed)
     tail = Tail(net, cfg.train_blocks, train.widths)
-    counts = class_counts(train.labels)
+    counts = class_counts(train.labels, len(train.classes))
     weight = class_weights(counts, cfg.sampler_power, cfg.loss_power).to(cfg.device)
     allowed = torch.as_tensor(counts > 0) if cfg.mask_absent else None
     sampler = make_weighted_sampler(
@@ -510,8 +519,8 @@ def _frame(cache: Cache, probs: np.ndarray, source: str) -> pd.DataFrame:
             "source": source,
             "image_id": cache.image_ids,
             "lesion_id": cache.lesion_ids,
-            "dx": [CLASSES[i] for i in cache.labels],
-            **{f"p_{c}": probs[:, i] for i, c in enumerate(CLASSES)},
+            "dx": [cache.classes.codes[i] for i in cache.labels],
+            **{f"p_{c}": probs[:, i] for i, c in enumerate(cache.classes.codes)},
         }
     )
 
@@ -524,9 +533,14 @@ def before_after(
     ``sets``: name → (cache, probs before, probs after)."""
     out: dict[str, dict] = {}
     for name, (cache, before, after) in sets.items():
-        rows = compare_predictions(
-            _frame(cache, before, name), _frame(cache, after, name), n_boot=n_boot
-        )
+        lesions = np.asarray(cache.lesion_ids)
+        b_int = set_intervals(cache.labels, before, lesions, n_boot, classes=cache.classes)
+        a_int = set_intervals(cache.labels, after, lesions, n_boot, classes=cache.classes)
+        rows = []
+        if cache.classes.codes == HAM7.codes:  # model.compare's paired draws read HAM7 columns
+            rows = compare_predictions(
+                _frame(cache, before, name), _frame(cache, after, name), n_boot=n_boot
+            )
         gain = {
             r.metric: {
                 "value": _finite(r.diff),
@@ -536,14 +550,21 @@ def before_after(
             }
             for r in rows
             if r.metric in SHOWN
+        } or {
+            m: {"value": _diff(a_int[m]["value"], b_int[m]["value"]), "low": None, "high": None}
+            for m in SHOWN
         }
         out[name] = {
             "n": len(cache),
-            "before": set_intervals(cache.labels, before, np.asarray(cache.lesion_ids), n_boot),
-            "after": set_intervals(cache.labels, after, np.asarray(cache.lesion_ids), n_boot),
+            "before": b_int,
+            "after": a_int,
             "gain": gain,
         }
     return out
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def _finite(x: float) -> float | None:
@@ -612,11 +633,12 @@ def _ham_dir(cfg: AdaptConfig) -> Path | None:
 
 def load_parts(cfg: AdaptConfig, parent_cfg: CheckpointConfig) -> Parts:
     """Read and split the data, check budgets and leaks; no model is run yet."""
-    df = load_metadata(cfg.data_dir)
+    classes = parent_cfg.classes
+    df = load_metadata(cfg.data_dir, classes=classes)
     df, origin = split_parts(df, bool(cfg.test_dir), cfg.seed)
     inputs = {str(cfg.data_dir): file_sha256(find_metadata_csv(Path(cfg.data_dir)))}
     if cfg.test_dir:
-        test = load_metadata(cfg.test_dir)
+        test = load_metadata(cfg.test_dir, classes=classes)
         test_source = source_name(cfg.test_dir)
         inputs[str(cfg.test_dir)] = file_sha256(find_metadata_csv(Path(cfg.test_dir)))
         leaked = set(test["image_id"]) & set(df["image_id"])
@@ -647,7 +669,7 @@ def load_parts(cfg: AdaptConfig, parent_cfg: CheckpointConfig) -> Parts:
                 "forgot is not measured"
             )
     else:
-        ham_df = load_metadata(ham)
+        ham_df = load_metadata(ham, classes=classes)
         try:
             ham_test, info = select_rows(ham_df, parent_cfg, "test", None)
         except DataError as exc:
@@ -732,7 +754,9 @@ def _adapt_into(
     k = cfg.train_blocks
 
     def cache(df: pd.DataFrame, label: str) -> Cache:
-        return build_cache(network, df, pre, k, cfg.device, cfg.batch_eval, label)
+        return build_cache(
+            network, df, pre, k, cfg.device, cfg.batch_eval, label, parent_cfg.classes
+        )
 
     train, val = cache(parts.train, "train"), cache(parts.val, "val")
     test = cache(parts.test, parts.test_source)
@@ -811,12 +835,20 @@ def _checkpoint_config(
     split_hash: str,
 ) -> CheckpointConfig:
     """The adapted checkpoint's description: its parent, the command, the data and its hashes."""
-    counts = class_counts(parts.train["label"].to_numpy())
+    classes = parent_cfg.classes
+    counts = dict(
+        zip(
+            classes.codes,
+            class_counts(parts.train["label"].to_numpy(), len(classes)).tolist(),
+            strict=True,
+        )
+    )
     name = cfg.name or f"{parent_cfg.name}-adapted-{source_name(cfg.data_dir)}"
     return CheckpointConfig(
         name=name,
         model=network.cfg,
         preprocessing=parent_cfg.preprocessing,
+        classes=classes,
         vocabulary=parent_cfg.vocabulary,
         training={
             "command": cfg.command,
@@ -838,13 +870,13 @@ def _checkpoint_config(
                     "path": str(cfg.data_dir),
                     "csv_sha256": parts.inputs[str(cfg.data_dir)],
                     "n_images": len(parts.train) + len(parts.val),
-                    "class_counts": dict(zip(CLASSES, counts.tolist(), strict=True)),
+                    "class_counts": counts,
                 },
                 *parent_cfg.training.get("sources", []),
             ],
-            "train_class_counts": dict(zip(CLASSES, counts.tolist(), strict=True)),
+            "train_class_counts": counts,
             "test_source": parts.test_source,
-            "selection_rule": SELECTION_RULE + " (the adapting folder's val part only)",
+            "selection_rule": selection_rule(classes) + " (the adapting folder's val part only)",
             "weights_dtype": parent_cfg.training.get("weights_dtype", "float32"),
             "device": cfg.device,
         },
@@ -868,7 +900,10 @@ def label_budget_curve(
     """Gain (after − before) on each measured set per budget and draw: the network is reset to
     the parent, tuned on a class-stratified draw of the training part, selected on the whole
     val part and measured; the budget "all" is the adapted model itself (``full``)."""
-    base = {name: reported_metrics(caches[name].labels, before[name]) for name in caches}
+    base = {
+        name: reported_metrics(caches[name].labels, before[name], caches[name].classes)
+        for name in caches
+    }
     first = next(iter(caches))
     rows: list[dict[str, Any]] = []
     for budget in cfg.budgets:
@@ -887,7 +922,9 @@ def label_budget_curve(
                 figures = {
                     name: {
                         m: _finite(v)
-                        for m, v in reported_metrics(caches[name].labels, probs[name]).items()
+                        for m, v in reported_metrics(
+                            caches[name].labels, probs[name], caches[name].classes
+                        ).items()
                     }
                     for name in caches
                 }

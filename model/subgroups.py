@@ -367,3 +367,10 @@ def tone_sentence(context: dict[str, Any]) -> str:
             + ("; its figures for this band rest on little evidence." if n < 0.05 * total else ".")
         )
     return text
+
+
+def skin_tone_line(rgb: np.ndarray | None, folder: Path | str | None) -> str:
+    """The Analyse tab's line for one image and the model in ``folder`` ("" without an image)."""
+    if rgb is None:
+        return ""
+    return tone_sentence(tone_context(rgb, load_audit(folder) if folder is not None else None))
