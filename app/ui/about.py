@@ -8,6 +8,7 @@ import gradio as gr
 
 from app import views
 from app.ui.common import Components
+from model.subgroups import audit_markdown, load_audit
 from service.prediction import PredictionService
 
 #: Evaluation plots shown in the About tab: (file in the checkpoint folder, caption).
@@ -48,4 +49,10 @@ def build_about_ui(service: PredictionService) -> Components:
         )
     card = views.model_card_markdown(predictor.config, folder, predictor.runtime)
     ui["model_card"] = gr.Markdown(card, elem_id="model-card")
+    audit = load_audit(folder) if folder is not None else None
+    if audit is not None:
+        ui["subgroups"] = gr.Markdown(
+            "### Audit by subgroup (python -m scripts.evaluate --by)\n\n" + audit_markdown(audit),
+            elem_id="subgroup-audit",
+        )
     return ui
