@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.errors import DermError
+from common.version import __version__
 from data_pipeline.schema import HAM7, ClassSet, check_vocabulary, vocabulary
 from data_pipeline.transforms import Preprocessing
 from model.network import ModelConfig, Network, build_network
@@ -58,6 +59,9 @@ class CheckpointConfig:
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     weights_sha256: str = ""
     format_version: int = FORMAT_VERSION
+    #: The DermFusion version that wrote this checkpoint (kept when the config is rewritten,
+    #: e.g. by an export); empty for checkpoints from before versions were recorded.
+    software_version: str = field(default_factory=lambda: __version__)
 
     def __post_init__(self) -> None:
         if not self.vocabulary:
@@ -73,6 +77,7 @@ class CheckpointConfig:
             "format_version": self.format_version,
             "name": self.name,
             "created_at": self.created_at,
+            "software_version": self.software_version,
             "weights_sha256": self.weights_sha256,
             "model": self.model.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
@@ -105,6 +110,7 @@ class CheckpointConfig:
             onnx=d.get("onnx", {}),
             created_at=d["created_at"],
             weights_sha256=d.get("weights_sha256", ""),
+            software_version=d.get("software_version", ""),
         )
 
 

@@ -175,6 +175,15 @@ def test_version_is_one_number():
     assert f"## {__version__}" in changelog
 
 
+def test_new_checkpoints_record_the_version(tiny_checkpoint):
+    """A newly written checkpoint says which DermFusion wrote it; one from before says nothing."""
+    from model.checkpoint import SHIPPED_DIR, load_config
+
+    assert load_config(tiny_checkpoint).software_version == __version__
+    shipped = load_config(SHIPPED_DIR)
+    assert shipped.to_dict()["software_version"] == shipped.software_version
+
+
 # --- the login and its slowdown ------------------------------------------------------------------
 
 
