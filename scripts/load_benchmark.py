@@ -1,14 +1,19 @@
-"""Load benchmark: the real app in a subprocess, N concurrent ``gradio_client`` users.
+"""Load benchmark: the real app in a subprocess, N concurrent users of the web app or the REST API.
 
     python -m scripts.benchmark --clients 50                 # 50 users, one request each
     python -m scripts.benchmark --clients 8 --requests 200   # 200 requests, 8 at a time
+    python -m scripts.load_benchmark --clients 50 --path rest            # POST /api/v1/predict
+    python -m scripts.load_benchmark --clients 10 --requests 100 --path rest   # memory after 100
     python -m scripts.load_benchmark --clients 50 --upload-mb 300
 
 Starts ``python -m app`` on a free localhost port with a temporary SQLite history (the serving
 flags are passed through), waits for it, then sends ``--requests`` predictions (default: one per
-client) from ``--clients`` threads, each with its own ``gradio_client.Client``. Reports p50 / p95
-/ max latency as each user sees it (upload + queue + prediction + download), throughput, requests
-refused as busy, rows stored in the history, and the server process's peak resident memory. With
+client) from ``--clients`` threads: ``--path ui`` (default) each with its own
+``gradio_client.Client`` through the web app's queue, ``--path rest`` each with its own HTTP
+connection to ``POST /api/v1/predict``. Reports p50 / p95 / max latency as each user sees it
+(upload + queue + prediction + download), throughput, requests refused as busy, rows stored in
+the history, the server's CPU per request, its resident memory after the run (and peak), whether
+PyTorch is loaded in it, and the machine's load average (the numbers depend on what else runs). With
 ``--upload-mb`` it also posts a file of that size to the upload route and reports how it was
 refused (status, message, seconds, server memory). Not a test: numbers depend on the machine.
 """
@@ -147,32 +152,65 @@ class AppProcess:
             return self.proc.wait()
 
 
-def run_clients(url: str, clients: int, requests: int) -> dict[str, Any]:
-    """``requests`` predictions from ``clients`` threads; latency as each user sees it."""
+def gradio_user(url: str) -> Any:
+    """One web-app user: ``gradio_client`` through the queue, as a browser does (upload, join,
+    stream the result, download the output files)."""
     from gradio_client import Client, handle_file
 
     # ssl_verify=False: the app is plain HTTP on localhost, so there is nothing to verify, and
     # gradio_client opens a new httpx client for every upload / call / download, each of which
     # would load the CA bundle (~175 ms of CPU per prediction, measured): with the load
     # generator on the same 2 cores as the app, that would measure the client, not the server.
-    pool = [Client(url, verbose=False, ssl_verify=False) for _ in range(clients)]
+    client = Client(url, verbose=False, ssl_verify=False)
+
+    def predict(path: Path, age: str) -> None:
+        client.predict(handle_file(str(path)), age, "female", "back", api_name="/predict")
+
+    return predict
+
+
+def rest_user(url: str) -> Any:
+    """One pipeline user: ``POST /api/v1/predict`` (multipart), one kept-alive connection."""
+    import httpx
+
+    client = httpx.Client(base_url=url, timeout=300, verify=False)
+
+    def predict(path: Path, age: str) -> None:
+        with path.open("rb") as fh:
+            r = client.post(
+                "/api/v1/predict",
+                files={"image": (path.name, fh, "image/jpeg")},
+                data={"age": age, "sex": "female", "site": "back"},
+            )
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+
+    return predict
+
+
+USERS = {"ui": gradio_user, "rest": rest_user}
+
+
+def run_clients(url: str, clients: int, requests: int, path: str = "ui") -> dict[str, Any]:
+    """``requests`` predictions from ``clients`` threads through the web app's queue
+    (``path="ui"``) or the REST API (``"rest"``); latency as each user sees it."""
+    pool = [USERS[path](url) for _ in range(clients)]
     lock = threading.Lock()
     counter = iter(range(requests))
     latencies: list[float] = []
     errors: list[str] = []
     start = threading.Barrier(clients)
 
-    def user(client: Client) -> None:
+    def user(predict: Any) -> None:
         start.wait()
         while True:
             with lock:
                 i = next(counter, None)
             if i is None:
                 return
-            image = handle_file(str(EXAMPLES[i % len(EXAMPLES)]))
             t0 = time.perf_counter()
             try:
-                client.predict(image, str(20 + i % 70), "female", "back", api_name="/predict")
+                predict(EXAMPLES[i % len(EXAMPLES)], str(20 + i % 70))
             except Exception as exc:  # a refusal (busy) or an error: counted, not raised
                 with lock:
                     errors.append(f"{type(exc).__name__}: {exc}")
@@ -186,6 +224,7 @@ def run_clients(url: str, clients: int, requests: int) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     a = np.asarray(latencies) if latencies else np.zeros(1)
     return {
+        "path": path,
         "clients": clients,
         "requests": requests,
         "ok": len(latencies),
@@ -237,16 +276,18 @@ def load_benchmark(
     requests: int | None = None,
     app_args: list[str] | None = None,
     upload_mb: int = 0,
+    path: str = "ui",
 ) -> dict[str, Any]:
-    """Start the app, run the load, measure; the app is always stopped."""
+    """Start the app, run the load through ``path`` (``ui`` / ``rest``), measure; the app is
+    always stopped. Memory is the server's resident set after the run (and its peak)."""
     with tempfile.TemporaryDirectory(prefix="dermfusion-load-") as tmp:
         t0 = time.perf_counter()
         app = AppProcess(app_args or [], Path(tmp))
         started = time.perf_counter() - t0
         try:
-            warm = run_clients(app.url, 1, 2)  # first requests pay one-off costs
+            warm = run_clients(app.url, 1, 2, path)  # first requests pay one-off costs
             server0, client0 = proc_cpu_s(app.proc.pid), own_cpu_s()
-            result = run_clients(app.url, clients, requests or clients)
+            result = run_clients(app.url, clients, requests or clients, path)
             done = max(1, result["ok"])
             # where the 2 cores went: the app's CPU and the load generator's, per answered request
             result["server_cpu_ms_per_request"] = 1000 * (proc_cpu_s(app.proc.pid) - server0) / done
@@ -257,23 +298,37 @@ def load_benchmark(
                 result["upload"] = {**upload_refusal(app.url, upload_mb), **app.memory()}
             result["app_args"] = app_args or []
             result["app_log_tail"] = [line for line in app.lines if "model " in line][:2]
+            result["torch_loaded"] = torch_loaded(app.proc.pid)
+            result["load_average"] = os.getloadavg()
         finally:
             app.stop()
     return result
 
 
+def torch_loaded(pid: int) -> bool:
+    """Whether the server process has PyTorch's library mapped (Linux ``/proc``)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 def report(r: dict[str, Any]) -> None:
     print(
-        f"{r['clients']} clients, {r['requests']} requests: {r['ok']} ok, {r['failed']} failed "
+        f"[{r['path']}] {r['clients']} clients, {r['requests']} requests: {r['ok']} ok, "
+        f"{r['failed']} failed "
         f"({r['busy_refusals']} busy), {r['rows_stored']} rows stored"
     )
     print(
         f"latency p50 {r['p50_s']:.2f} s  p95 {r['p95_s']:.2f} s  max {r['max_s']:.2f} s   "
-        f"throughput {r['throughput_per_s']:.1f}/s   server peak RSS {r['peak_rss_mb']:.0f} MB"
+        f"throughput {r['throughput_per_s']:.1f}/s   server RSS {r['rss_mb']:.0f} MB "
+        f"(peak {r['peak_rss_mb']:.0f} MB; "
+        f"PyTorch {'loaded' if r['torch_loaded'] else 'not loaded'})"
     )
     print(
         f"CPU per answered request: app {r['server_cpu_ms_per_request']:.0f} ms, "
-        f"load generator {r['client_cpu_ms_per_request']:.0f} ms"
+        f"load generator {r['client_cpu_ms_per_request']:.0f} ms; load average "
+        + " ".join(f"{x:.1f}" for x in r["load_average"])
     )
     for e in r["errors"]:
         print(f"  error: {e}")
@@ -305,12 +360,20 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
         help='flags for python -m app, e.g. "--concurrency 2 --max-queue 64"',
     )
     p.add_argument("--upload-mb", type=int, default=0, help="also try an upload this large")
+    p.add_argument(
+        "--path",
+        choices=sorted(USERS),
+        default="ui",
+        help="ui: gradio_client through the web app's queue (default); rest: POST /api/v1/predict",
+    )
 
 
 def run_load(args: argparse.Namespace) -> dict[str, Any]:
     import shlex
 
-    result = load_benchmark(args.clients, args.requests, shlex.split(args.app_args), args.upload_mb)
+    result = load_benchmark(
+        args.clients, args.requests, shlex.split(args.app_args), args.upload_mb, args.path
+    )
     report(result)
     if getattr(args, "json", None):
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -497,3 +497,15 @@ def test_sigterm_handler_is_restored_after_serving(monkeypatch, tiny_checkpoint,
     server.serve_until_stopped()
     assert seen["handler"] not in (before, signal.SIG_DFL)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.slow
+def test_rest_load_benchmark_stores_every_request_once(tiny_checkpoint):
+    """The load benchmark's REST path (not a timing test): 8 requests from 4 users, each
+    answered and stored exactly once, with the server's CPU and memory reported."""
+    from scripts.load_benchmark import load_benchmark
+
+    result = load_benchmark(4, 8, ["--checkpoint", str(tiny_checkpoint)], path="rest")
+    assert (result["ok"], result["failed"], result["rows_stored"]) == (8, 0, 8)
+    assert result["server_cpu_ms_per_request"] > 0 and result["rss_mb"] > 0
+    assert isinstance(result["torch_loaded"], bool)
