@@ -181,7 +181,11 @@ def plot_subgroups(report: dict[str, Any], path: Path) -> None:
     keys = [k for k in report["by"] if report["groups"].get(k)]
     sizes = [len(report["groups"][k]) for k in keys]
     fig, axes = plt.subplots(
-        len(keys), 1, figsize=(7.5, 1.0 + 0.42 * sum(sizes) + 0.6 * len(keys)), squeeze=False
+        len(keys),
+        1,
+        figsize=(7.5, 1.0 + 0.32 * sum(sizes) + 0.9 * len(keys)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [n + 1.5 for n in sizes]},
     )
     for ax, key in zip(axes[:, 0], keys, strict=True):
         groups = report["groups"][key]
@@ -205,7 +209,7 @@ def plot_subgroups(report: dict[str, Any], path: Path) -> None:
                 )
             ax.plot([], [], "o", color=colour, label=metric.replace("_", " "))
         ax.set_yticks(ys, labels, fontsize=8)
-        ax.set_xlim(0, 1)
+        ax.set_xlim(0, 1.02)
         ax.set_title(f"by {key.replace('_', ' ')}", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     axes[0, 0].legend(fontsize=8, loc="lower left")
