@@ -31,6 +31,7 @@ from data_pipeline.ham10000 import load_metadata
 from data_pipeline.schema import HAM7, ClassSet
 from data_pipeline.skin_tone import BAND_NAMES, UNKNOWN, SkinTone, band_counts, estimate
 from data_pipeline.skin_tone import estimate_file as tone_of_file
+from data_pipeline.sources import source_name
 from data_pipeline.splits import REPO_ROOT, attach_splits, load_splits
 from model.bootstrap import LEVEL, reported_metrics, set_intervals
 
@@ -312,8 +313,8 @@ def audit_markdown(audit: dict[str, Any], keys: Sequence[str] = KEYS) -> str:
     pct = f"{100 * report['level']:g} %"
     ev = audit.get("evaluated", {})
     sets = ", ".join(
-        [f"{Path(str(ev.get('data_dir', ''))).name} ({ev.get('split')})"]
-        + [Path(str(e)).name for e in ev.get("external", [])]
+        [f"{source_name(str(ev.get('data_dir', '')))} ({ev.get('split')})"]
+        + [source_name(str(e)) for e in ev.get("external", [])]
     )
     lines = [
         f"Measured on {sets}: {report['n']} images; {pct} intervals from "

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in HELP.items():
         default = getattr(d, name)
         flag = "--" + name.replace("_", "-")
-        text = f"{help_text} (default: {default})"
+        text = help_text if default == "" else f"{help_text} (default: {default})"
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
