@@ -211,7 +211,7 @@ class AppServer:
 
         self._routes = lambda: [Route("/healthz", healthz, methods=["GET"])]
         self._middleware = lambda: [
-            Middleware(MountedApi, api=self.rest.app),
+            Middleware(MountedApi, api=self.rest.asgi),
             Middleware(ThrottledLogin, throttle=self.throttle),
         ]
 

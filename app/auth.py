@@ -98,6 +98,14 @@ class LoginThrottle:
             await asyncio.sleep(pause)
 
 
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The request's path inside the app: without the proxy's sub-path (``root_path``) when the
+    proxy passed it on, as it is when the proxy stripped it."""
+    root = str(scope.get("root_path", "") or "")
+    path = str(scope.get("path", ""))
+    return path[len(root) :] if root and path.startswith(root + "/") else path
+
+
 def client_of(scope: Mapping[str, Any]) -> str:
     """The address a request came from (``scope["client"]``), or ``unknown``."""
     client = scope.get("client")
@@ -113,7 +121,7 @@ class ThrottledLogin:
         self.throttle = throttle
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        path = str(scope.get("path", "")).rstrip("/")
+        path = route_path(scope).rstrip("/")
         if scope.get("type") != "http" or scope.get("method") != "POST" or path != "/login":
             await self.app(scope, receive, send)
             return

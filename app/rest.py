@@ -33,7 +33,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.auth import Credentials, LoginThrottle, basic_credentials, client_of, session_user
+from app.auth import (
+    Credentials,
+    LoginThrottle,
+    basic_credentials,
+    client_of,
+    route_path,
+    session_user,
+)
 from app.config import Settings
 from app.health import Lifecycle
 from app.ui.demo import BUSY_MESSAGE
@@ -72,13 +79,44 @@ class MountedApi:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope.get("type") == "http":
             root = str(scope.get("root_path", "") or "")
-            path = str(scope.get("path", ""))
-            route = path[len(root) :] if root and path.startswith(root + "/") else path
+            route = route_path(scope)
             if route == self.prefix or route.startswith(self.prefix + "/"):
                 child = {**scope, "root_path": root + self.prefix, "path": root + route}
                 await self.api(child, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class UploadLimit:
+    """ASGI middleware refusing a ``POST`` body larger than ``limit`` (+ multipart framing)
+    before it is read: 413 at once when ``Content-Length`` says so; a body without one that
+    grows past the limit is cut off (the request then ends as a client disconnect)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit + MULTIPART_SLACK
+        self.message = f"The upload is larger than the limit of {limit} bytes."
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > self.limit:
+            await JSONResponse({"error": self.message}, 413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                return {"type": "http.disconnect"}
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class ApiError(Exception):
@@ -125,6 +163,8 @@ class RestApi:
         root = settings.root_path
         self.base = (urlparse(root).path if "://" in root else root).rstrip("/") + API_PREFIX
         self.app = self._build()
+        #: What the server mounts: the API behind its upload limit.
+        self.asgi = UploadLimit(self.app, settings.max_file_size)
 
     def bind_gradio(self, gradio_app: Any) -> None:
         self.gradio_app = gradio_app
@@ -267,7 +307,6 @@ class RestApi:
 
         @api.post("/predict", summary="Predict, explain and store one image")
         async def predict(
-            request: Request,
             user: User,
             image: Annotated[UploadFile, File(description="JPEG / PNG dermoscopy image")],
             age: Annotated[str | None, Form(description="years, blank: unknown")] = None,
@@ -275,10 +314,7 @@ class RestApi:
             site: Annotated[str | None, Form(description="body site, e.g. back")] = None,
             target: Annotated[str | None, Form(description="class to explain")] = None,
         ) -> dict[str, Any]:
-            limit = self.settings.max_file_size
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
-                raise ApiError(413, f"The upload is larger than the limit of {limit} bytes.")
+            limit = self.settings.max_file_size  # (larger bodies: refused by UploadLimit)
             data = await image.read()
             if len(data) > limit:
                 raise ApiError(413, f"The upload is larger than the limit of {limit} bytes.")

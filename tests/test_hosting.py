@@ -196,6 +196,17 @@ def test_credentials_check_exactly():
     assert basic_credentials("Bearer x") is None and basic_credentials("Basic %%%") is None
 
 
+def test_route_path_with_and_without_the_proxy_prefix():
+    from app.auth import route_path
+
+    assert route_path({"path": "/login", "root_path": "/dermfusion"}) == "/login"
+    assert route_path({"path": "/dermfusion/login", "root_path": "/dermfusion"}) == "/login"
+    assert route_path({"path": "/dermfusionx/login", "root_path": "/dermfusion"}) == (
+        "/dermfusionx/login"
+    )
+    assert route_path({"path": "/api/v1/predict"}) == "/api/v1/predict"
+
+
 def test_login_throttle_doubles_per_failure_and_forgets():
     now = [1000.0]
     throttle = LoginThrottle(1.0, max_delay=5.0, clock=lambda: now[0])
