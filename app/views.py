@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common.text import DISCLAIMER
-from data_pipeline.schema import CLASS_NAMES, CLASSES, MALIGNANT
+from data_pipeline.schema import ClassSet, row_classes
 from db.models import PredictionRecord, as_utc
 from db.queries import HistoryFilter
 from model.checkpoint import SHIPPED_DIR, CheckpointConfig
@@ -59,9 +59,13 @@ LEGACY_SOURCES: list[dict[str, Any]] = [
 ]
 
 
-def label_value(probabilities: dict[str, float]) -> dict[str, float]:
-    """Value for ``gr.Label``: every class by full name with its calibrated probability."""
-    return {class_label(c): float(probabilities.get(c, 0.0)) for c in CLASSES}
+def label_value(
+    probabilities: dict[str, float], classes: ClassSet | None = None
+) -> dict[str, float]:
+    """Value for ``gr.Label``: every class by full name with its calibrated probability
+    (``classes``: the model's; None: those of the probabilities' keys, see ``row_classes``)."""
+    classes = classes or row_classes(probabilities)
+    return {f"{classes.name(c)} ({c})": float(probabilities.get(c, 0.0)) for c in classes}
 
 
 def alerts_markdown(prediction: Prediction) -> str:
@@ -69,7 +73,8 @@ def alerts_markdown(prediction: Prediction) -> str:
     parts: list[str] = []
     flagged = list(prediction.malignant_flag)
     if flagged:
-        listed = ", ".join(f"{CLASS_NAMES[c]} {prediction.probabilities[c]:.0%}" for c in flagged)
+        names = prediction.classes
+        listed = ", ".join(f"{names.name(c)} {prediction.probabilities[c]:.0%}" for c in flagged)
         parts.append(
             f"### ⚠️ Possible malignant lesion: {listed}\n"
             "A malignant or pre-malignant class ranks high. Have this lesion examined by a "
@@ -79,10 +84,11 @@ def alerts_markdown(prediction: Prediction) -> str:
         parts.append(f"**⚠️ {escape_markdown(warning)}**")
     if not flagged:
         top = prediction.top_class
-        malignant = ", ".join(CLASS_NAMES[c] for c in CLASSES if c in MALIGNANT)
+        classes = prediction.classes
+        malignant = ", ".join(classes.name(c) for c in classes.malignant_codes) or "none"
         parts.append(
             f"No malignant class ranks high ({malignant} are flagged when they rank first or "
-            f"reach {MALIGNANT_FLAG:.0%}). Top class: {CLASS_NAMES[top]} "
+            f"reach {MALIGNANT_FLAG:.0%}). Top class: {classes.name(top)} "
             f"{prediction.top_probability:.0%}."
         )
     parts.append(f"*{DISCLAIMER}*")
@@ -98,18 +104,20 @@ def percent(p: float) -> str:
     return "<1 %" if p < 0.01 else f"{100 * p:.0f} %"
 
 
-def probabilities_html(probabilities: dict[str, float]) -> str:
-    """A horizontal bar chart in HTML (it reflows at phone width): every class, largest first,
+def probabilities_html(probabilities: dict[str, float], model_version: str | None = None) -> str:
+    """A horizontal bar chart in HTML (it reflows at phone width): every class of the model
+    (``model_version``'s; a stored row's classes are its probabilities' keys), largest first,
     malignant / pre-malignant classes in red; the top class is bold, not repeated elsewhere."""
-    ranked = sorted(CLASSES, key=lambda c: -float(probabilities.get(c, 0.0)))
+    classes = row_classes(probabilities, model_version)
+    ranked = sorted(classes, key=lambda c: -float(probabilities.get(c, 0.0)))
     rows = []
     for i, c in enumerate(ranked):
         p = float(probabilities.get(c, 0.0))
-        colour = MALIGNANT_COLOUR if c in MALIGNANT else BENIGN_COLOUR
+        colour = MALIGNANT_COLOUR if c in classes.malignant else BENIGN_COLOUR
         weight = "700" if i == 0 else "400"
         rows.append(
             f'<div class="prob-row" data-class="{c}" style="font-weight:{weight}">'
-            f'<span class="prob-name">{html.escape(class_label(c))}</span>'
+            f'<span class="prob-name">{html.escape(class_label(c, model_version))}</span>'
             f'<span class="prob-track"><span class="prob-bar" '
             f'style="width:{max(0.5, 100 * p):.1f}%;background:{colour}"></span></span>'
             f'<span class="prob-value">{html.escape(percent(p))}</span></div>'
@@ -138,7 +146,7 @@ def alerts_html(prediction: Prediction, storage_problem: str | None = None) -> s
     flagged = list(prediction.malignant_flag)
     if flagged:
         listed = ", ".join(
-            f"{CLASS_NAMES[c]} {percent(prediction.probabilities[c])}" for c in flagged
+            f"{prediction.classes.name(c)} {percent(prediction.probabilities[c])}" for c in flagged
         )
         parts.append(
             _alert(
@@ -201,8 +209,8 @@ def result_markdown(stored: StoredPrediction) -> str:
         saved = "**not saved** to history"
     target = pred.attribution_target
     explained = (
-        f"Heatmap and metadata chart explain **{CLASS_NAMES[target]}**. "
-        if target in CLASS_NAMES
+        f"Heatmap and metadata chart explain **{pred.classes.name(target)}**. "
+        if target is not None and target in pred.classes
         else ""
     )
     return f"{explained}Model `{pred.model_version}` · {pred.latency_ms:.0f} ms · {saved}."
@@ -253,10 +261,11 @@ def flags_text(malignant: Sequence[str], n_warnings: int) -> str:
 def record_flags(r: PredictionRecord) -> list[str]:
     """Malignant classes flagged for a stored row (the predictor's rule, from its probabilities)."""
     probs = r.probabilities or {}
+    classes = row_classes(probs, r.model_version)  # the row's model's classes
     return [
         c
-        for c in CLASSES
-        if c in MALIGNANT and (probs.get(c, 0.0) >= MALIGNANT_FLAG or c == r.predicted_class)
+        for c in classes.malignant_codes
+        if probs.get(c, 0.0) >= MALIGNANT_FLAG or c == r.predicted_class
     ]
 
 
@@ -297,7 +306,7 @@ def history_table_row(
         thumbnail_markdown(thumbnail, f"#{r.id}"),
         r.id,
         readable_time(r.created_at, now),
-        short_label(r.predicted_class),
+        short_label(r.predicted_class, r.model_version),
         f"{100 * float(r.predicted_probability):.1f} %",
         flags_text(record_flags(r), len(r.warnings or [])),
         short_label(r.confirmed_dx),
@@ -518,8 +527,7 @@ def _training_lines(config: CheckpointConfig) -> list[str]:
     counts = training.get("train_class_counts")
     if counts:
         lines.append(
-            "- **Training images per class:** "
-            + ", ".join(f"{c} {counts[c]}" for c in CLASSES if c in counts)
+            "- **Training images per class:** " + ", ".join(f"{c} {n}" for c, n in counts.items())
         )
     rule = training.get("selection_rule", "validation balanced accuracy")
     if training.get("best_epoch"):
@@ -572,7 +580,7 @@ def _per_class_table(m: dict[str, Any]) -> str:
     if not per:
         return ""
     out = ["| Class | Recall | Precision | AUC | n |", "|---|---|---|---|---|"]
-    for c in CLASSES:
+    for c in m.get("classes") or per:
         pc = per.get(c)
         if pc:
             out.append(
@@ -700,7 +708,7 @@ def _limitation_lines(config: CheckpointConfig) -> list[str]:
     known = [KNOWN_DATASETS.get(s.get("name", ""), {}) for s in train]
     sizes = source_image_sizes(config)
     trained_on = f"{' / '.join(sizes)} downscaled " if sizes else ""
-    classes = list(config.vocabulary.get("classes", CLASSES))
+    classes = list(config.classes.codes)
     ood = getattr(config, "ood", None) or {}
     ood_note = (
         f" (the {ordinal(float(ood['percentile']))} percentile of validation images is the limit)"

@@ -22,7 +22,7 @@ import torch
 from common.errors import DataError
 from common.plotting import pyplot
 from data_pipeline.ham10000 import load_metadata
-from data_pipeline.schema import CLASSES
+from data_pipeline.schema import ClassSet
 from data_pipeline.sources import source_name
 from data_pipeline.splits import REPO_ROOT, SPLITS, attach_splits, file_sha256, load_splits
 from model.bootstrap import LEVEL, bootstrap_intervals, check_n_boot
@@ -76,9 +76,11 @@ def _rows(
     external: Sequence[Path | str],
 ) -> tuple[pd.DataFrame, dict]:
     """Every row to score, with a ``source`` column (a CSV's own ``source`` column wins)."""
-    df, info = select_rows(load_metadata(data_dir), cfg, split, splits_path)
+    df, info = select_rows(load_metadata(data_dir, classes=cfg.classes), cfg, split, splits_path)
     frames = [_with_source(df, data_dir)]
-    frames += [_with_source(load_metadata(folder), folder) for folder in external]
+    frames += [
+        _with_source(load_metadata(folder, classes=cfg.classes), folder) for folder in external
+    ]
     rows = pd.concat(frames, ignore_index=True)
     if rows.empty:
         raise DataError(f"No rows in split {split!r} of {data_dir}.")
@@ -90,8 +92,14 @@ def _with_source(df: pd.DataFrame, folder: Path | str) -> pd.DataFrame:
     return df if "source" in df else df.assign(source=source_name(folder))
 
 
-def _score(labels: np.ndarray, probs: np.ndarray, distance: np.ndarray | None, thr: float) -> dict:
-    m = compute_metrics(labels, probs, CLASSES)
+def _score(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    distance: np.ndarray | None,
+    thr: float,
+    classes: ClassSet,
+) -> dict:
+    m = compute_metrics(labels, probs, classes)
     m["flagged"] = flag_rates(probs.max(axis=1), distance, thr)
     return m
 
@@ -138,7 +146,7 @@ def evaluate(
     detector = FeatureDistance.from_checkpoint(folder, cfg.ood)
     if detector is not None:
         distance, threshold = detector.distance(torch.from_numpy(feats)).numpy(), detector.threshold
-    metrics = _score(labels, probs, distance, threshold)
+    metrics = _score(labels, probs, distance, threshold, cfg.classes)
     if by_source:
         src = df["source"].to_numpy()
         metrics["by_source"] = {
@@ -147,21 +155,23 @@ def evaluate(
                 probs[src == name],
                 None if distance is None else distance[src == name],
                 threshold,
+                cfg.classes,
             )
             for name in dict.fromkeys(src)
         }
-    predictions = _predictions_frame(df, labels, probs, distance)
+    predictions = _predictions_frame(df, labels, probs, distance, cfg.classes)
     if bootstrap:
         metrics["intervals"] = {
             "n_boot": bootstrap,
             "level": LEVEL,
             "resampled": "lesions within each source",
-            "by_source": bootstrap_intervals(predictions, n_boot=bootstrap),
+            "by_source": bootstrap_intervals(predictions, n_boot=bootstrap, classes=cfg.classes),
         }
     metrics.update(
         {
             "checkpoint": str(folder),
             "model_version": cfg.version,
+            "class_set": cfg.classes.to_dict(),
             "data_dir": str(data_dir),
             "external": [str(e) for e in external],
             "tta": tta,
@@ -172,12 +182,16 @@ def evaluate(
         }
     )
     if out is not None:
-        _write(Path(out), metrics, predictions, labels, probs)
+        _write(Path(out), metrics, predictions, labels, probs, cfg.classes)
     return metrics
 
 
 def _predictions_frame(
-    df: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, distance: np.ndarray | None
+    df: pd.DataFrame,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    distance: np.ndarray | None,
+    classes: ClassSet,
 ) -> pd.DataFrame:
     """What ``predictions.csv`` holds (and what :mod:`model.compare` reads back)."""
     return pd.DataFrame(
@@ -186,20 +200,25 @@ def _predictions_frame(
             "image_id": df["image_id"].to_numpy(),
             "lesion_id": df["lesion_id"].to_numpy(),
             "dx": df["dx"].to_numpy(),
-            **{f"p_{c}": probs[:, i] for i, c in enumerate(CLASSES)},
+            **{f"p_{c}": probs[:, i] for i, c in enumerate(classes)},
             "ood_distance": distance if distance is not None else np.nan,
         }
     )
 
 
 def _write(
-    out: Path, metrics: dict, predictions: pd.DataFrame, labels: np.ndarray, probs: np.ndarray
+    out: Path,
+    metrics: dict,
+    predictions: pd.DataFrame,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    classes: ClassSet,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     predictions.to_csv(out / "predictions.csv", index=False)
     plot_confusion(metrics, out / "confusion_matrix.png")
-    plot_roc(labels, probs, out / "roc.png")
+    plot_roc(labels, probs, out / "roc.png", classes)
     plot_reliability(labels, probs, out / "reliability.png")
 
 
@@ -209,12 +228,13 @@ def plot_confusion(metrics: dict, path: Path) -> None:
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(6, 5))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(CLASSES)), CLASSES)
-    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    classes = metrics["classes"]
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for i in range(len(CLASSES)):
-        for j in range(len(CLASSES)):
+    for i in range(len(classes)):
+        for j in range(len(classes)):
             ax.text(
                 j,
                 i,
@@ -231,12 +251,12 @@ def plot_confusion(metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path) -> None:
+def plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path, classes: ClassSet) -> None:
     from sklearn.metrics import auc, roc_curve
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    for i, c in enumerate(CLASSES):
+    for i, c in enumerate(classes):
         pos = labels == i
         if pos.any() and not pos.all():
             fpr, tpr, _ = roc_curve(pos, probs[:, i])

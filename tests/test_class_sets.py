@@ -246,6 +246,10 @@ def test_app_serves_its_classes_and_lists_them_in_history(ph2_run, tmp_path: Pat
         top = result["top_class"]
         assert any(f"{PH2.name(top)} ({top})" in str(cell) for cell in table["data"][0])
         assert "p_cnv" in Path(csv_path).read_text().splitlines()[0]
+        batch = [handle_file(str(data / "images" / f"IMD_{c}_01.jpg")) for c in ("cnv", "mel")]
+        *_, batch_csv = client.predict(batch, None, api_name="/batch")
+        header = Path(batch_csv).read_text().splitlines()[0].split(",")
+        assert [h for h in header if h.startswith("p_")] == ["p_cnv", "p_anv", "p_mel"]
     finally:
         demo.close()
         service.close()

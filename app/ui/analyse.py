@@ -31,7 +31,7 @@ from app.ui.common import (
 from common.errors import DermError
 from data_pipeline.images import read_image
 from data_pipeline.request import PredictionRequest
-from data_pipeline.schema import CLASS_NAMES, CLASSES, SEXES, SITES, UNKNOWN
+from data_pipeline.schema import HAM7, SEXES, SITES, UNKNOWN, ClassSet
 from service import history
 from service.prediction import PredictionService, StorageError, StoredPrediction
 from service.render import contributions_chart, side_by_side
@@ -110,7 +110,7 @@ def analyse(
     values = _explanation_values(pred, _opacity(opacity))
     values["view"]["id"] = stored.id
     return {
-        "probabilities": views.probabilities_html(pred.probabilities),
+        "probabilities": views.probabilities_html(pred.probabilities, pred.model_version),
         "alerts": views.alerts_html(pred, storage_problem),
         "info": views.result_markdown(stored),
         "result": {
@@ -152,7 +152,7 @@ def explain_again(
         pred = service.explain(request)
     values = _explanation_values(pred, _opacity(opacity))
     values["view"]["id"] = view.get("id")
-    name = CLASS_NAMES.get(values["view"]["target"], "")
+    name = pred.classes.name(values["view"]["target"] or "")
     values["explained"] = f"Heatmap and metadata chart now explain **{name}** (not re-stored)."
     return values
 
@@ -232,7 +232,7 @@ def _pass_upload_through(image: gr.Image) -> gr.Image:
     return image
 
 
-def _analyse_inputs() -> Components:
+def _analyse_inputs(classes: ClassSet = HAM7) -> Components:
     ui: Components = {}
     ui["image"] = _pass_upload_through(
         gr.Image(
@@ -266,7 +266,7 @@ def _analyse_inputs() -> Components:
         )
     ui["target"] = gr.Dropdown(
         choices=[("Top class (default)", TOP_CLASS)]
-        + [(history.class_label(c), c) for c in CLASSES],
+        + [(f"{classes.name(c)} ({c})", c) for c in classes],  # the model's classes
         value=TOP_CLASS,
         label="Class to explain (heatmap and metadata chart)",
     )
@@ -331,7 +331,7 @@ def build_analyse_ui(
     """The Analyse tab: inputs, example gallery, results; the ``/predict`` endpoint."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=320):
-            inputs = _analyse_inputs()
+            inputs = _analyse_inputs(service.predictor.classes)
             with gr.Row():
                 clear = gr.ClearButton(value="Clear")
                 submit = gr.Button("Analyse", variant="primary")

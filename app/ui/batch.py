@@ -57,8 +57,11 @@ def batch_analysis(
             prune(exports)
             out = exports / f"dermfusion_batch_{uuid.uuid4().hex[:8]}.csv"
             with out.open("w", newline="", encoding="utf-8") as fh:
+                codes = service.predictor.classes.codes  # a p_ column per class of the model
                 history.write_csv_rows(
-                    fh, batch_service.CSV_COLUMNS, (batch_service.csv_row(r) for r in rows)
+                    fh,
+                    batch_service.csv_columns(codes),
+                    (batch_service.csv_row(r, codes) for r in rows),
                 )
             ids = [r.prediction_id for r in rows if r.prediction_id is not None]
             thumbs = service.thumbnails(ids) if service.store_images else {}

@@ -29,7 +29,7 @@ from gradio.utils import get_upload_folder
 from app import views
 from common.errors import DermError
 from common.text import echo
-from data_pipeline.schema import CLASSES, SEXES, SITES
+from data_pipeline.schema import SEXES, SITES, known_codes
 from service import history
 from service.prediction import PredictionService
 from service.render import chart_png, display_jpeg
@@ -259,7 +259,8 @@ def history_filters() -> Components:
             min_width=140,
         )
         ui["classes"] = gr.Dropdown(
-            choices=[(history.class_label(c), c) for c in CLASSES],
+            # HAM10000's classes and the loaded model's (its predictor registered them)
+            choices=[(history.class_label(c), c) for c in known_codes()],
             multiselect=True,
             label="Top class",
             value=[],

@@ -31,7 +31,6 @@ from app.ui.common import (
 )
 from app.ui.history import HISTORY_OUTPUTS, build_history_ui
 from common.text import DISCLAIMER
-from data_pipeline.schema import CLASSES
 from service.prediction import PredictionService
 
 TITLE = "DermFusion — dermoscopy lesion classifier"
@@ -97,7 +96,8 @@ def build_demo(
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=lifetime) as demo:
         gr.Markdown(f"# {TITLE}")
         gr.Markdown(
-            f"**{DISCLAIMER}** The model estimates probabilities for {len(CLASSES)} lesion "
+            f"**{DISCLAIMER}** The model estimates probabilities for "
+            f"{len(service.predictor.classes)} lesion "
             f"classes, learnt from {views.training_dataset_name(service.predictor.config)}; it "
             "cannot tell whether a lesion is harmless. See a doctor about any lesion that "
             "worries you.",

@@ -102,7 +102,9 @@ def _detail_values(record: PredictionRecord) -> Values:
         "pick_id": str(record.id),
         "detail_image": output_file(side_by_side(image, heat, DEFAULT_OPACITY)),
         "detail": history.detail_markdown(record),
-        "detail_probabilities": views.probabilities_html(record.probabilities or {}),
+        "detail_probabilities": views.probabilities_html(
+            record.probabilities or {}, record.model_version
+        ),
         "detail_chart": output_file(
             contributions_chart(record.metadata_contributions, target, metadata), "chart"
         ),
