@@ -10,18 +10,18 @@ import pandas as pd
 
 from common.plotting import pyplot
 from data_pipeline.images import load_rgb
-from data_pipeline.schema import CLASS_NAMES, CLASSES, UNKNOWN
+from data_pipeline.schema import HAM7, UNKNOWN, ClassSet
 from data_pipeline.splits import SPLITS
 
 
-def class_split_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Images and lesions per class (rows) and split (columns), with totals."""
+def class_split_table(df: pd.DataFrame, classes: ClassSet = HAM7) -> pd.DataFrame:
+    """Images and lesions per class of ``classes`` (rows) and split (columns), with totals."""
     cols = {}
     for split in [*SPLITS, "all"]:
         part = df if split == "all" else df[df["split"] == split]
         cols[(split, "images")] = part.groupby("dx").size()
         cols[(split, "lesions")] = part.groupby("dx")["lesion_id"].nunique()
-    table = pd.DataFrame(cols).reindex(CLASSES).fillna(0).astype(int)
+    table = pd.DataFrame(cols).reindex(list(classes)).fillna(0).astype(int)
     table.loc["total"] = [
         len(df if s == "all" else df[df["split"] == s])
         if kind == "images"
@@ -47,14 +47,16 @@ def metadata_summary(df: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def sample_grid(df: pd.DataFrame, path: Path, per_class: int = 6, seed: int = 0) -> Path:
-    """A PNG grid: one row per class, ``per_class`` random images each."""
+def sample_grid(
+    df: pd.DataFrame, path: Path, per_class: int = 6, seed: int = 0, classes: ClassSet = HAM7
+) -> Path:
+    """A PNG grid: one row per class of ``classes``, ``per_class`` random images each."""
     plt = pyplot()
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(
-        len(CLASSES), per_class, figsize=(per_class * 1.8, len(CLASSES) * 1.5), squeeze=False
+        len(classes), per_class, figsize=(per_class * 1.8, len(classes) * 1.5), squeeze=False
     )
-    for r, dx in enumerate(CLASSES):
+    for r, dx in enumerate(classes):
         paths = df.loc[df["dx"] == dx, "path"].tolist()
         chosen: Any = (
             rng.choice(paths, size=min(per_class, len(paths)), replace=False) if paths else []
@@ -64,7 +66,7 @@ def sample_grid(df: pd.DataFrame, path: Path, per_class: int = 6, seed: int = 0)
             ax.axis("off")
             if c < len(chosen):
                 ax.imshow(load_rgb(Path(chosen[c])))
-        axes[r][0].set_title(f"{dx}: {CLASS_NAMES[dx]}", fontsize=8, loc="left")
+        axes[r][0].set_title(f"{dx}: {classes.name(dx)}", fontsize=8, loc="left")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

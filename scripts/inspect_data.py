@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common.cli import run_cli
 from common.errors import DataError
-from data_pipeline.ham10000 import load_metadata, verify_images
+from data_pipeline.ham10000 import folder_classes, load_metadata, verify_images
 from data_pipeline.report import class_split_table, metadata_summary, sample_grid
 from data_pipeline.splits import (
     DEFAULT_SPLITS,
@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         raise DataError(f"{len(crossing)} lesion(s) appear in several splits, e.g. {crossing[0]}.")
     if args.write_splits:
         save_splits(df, args.write_splits)
-    table = class_split_table(df)
+    classes = folder_classes(args.data_dir)  # the folder's own class set
+    table = class_split_table(df, classes)
     summary = metadata_summary(df)
-    grid = sample_grid(df, args.out / "sample_grid.png")
+    grid = sample_grid(df, args.out / "sample_grid.png", classes=classes)
 
     if args.json:
         print(

@@ -133,6 +133,16 @@ def test_folder_without_manifest_and_unknown_dx(tmp_path: Path):
     assert df["label"].tolist() == [PH2.index(d) for d in df["dx"]]
 
 
+def test_inspect_data_reports_the_folders_classes(tmp_path: Path, capsys):
+    from scripts import inspect_data
+
+    data = write_folder(tmp_path / "ph2", PH2, per_class=8)
+    argv = ["--data-dir", str(data), "--out", str(tmp_path / "o"), "--json"]
+    assert run_cli(inspect_data.main, argv) == 0
+    table = json.loads(capsys.readouterr().out)["per_class_split"]["all/images"]
+    assert table == {"cnv": 8, "anv": 8, "mel": 8, "total": 24}
+
+
 # --- train → evaluate → export → serve → store ---------------------------------------------------
 
 
