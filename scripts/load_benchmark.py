@@ -50,12 +50,21 @@ def free_port() -> int:
 
 
 def proc_memory_mb(pid: int) -> dict[str, float]:
-    """Current and peak resident memory of a process (Linux ``/proc``), in MB."""
+    """Current and peak resident memory of a process (Linux ``/proc``), in MB, and its private
+    part (``private_mb``: pages no other process shares, e.g. not the libraries' code that a
+    second replica on the same host maps too)."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             out["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = int(value.split()[0]) / 1024
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return out
+    private = [line.split()[1] for line in rollup if line.startswith("Private_")]
+    if private:
+        out["private_mb"] = sum(int(kb) for kb in private) / 1024
     return out
 
 
@@ -322,7 +331,7 @@ def report(r: dict[str, Any]) -> None:
     print(
         f"latency p50 {r['p50_s']:.2f} s  p95 {r['p95_s']:.2f} s  max {r['max_s']:.2f} s   "
         f"throughput {r['throughput_per_s']:.1f}/s   server RSS {r['rss_mb']:.0f} MB "
-        f"(peak {r['peak_rss_mb']:.0f} MB; "
+        f"(peak {r['peak_rss_mb']:.0f} MB, private {r.get('private_mb', float('nan')):.0f} MB; "
         f"PyTorch {'loaded' if r['torch_loaded'] else 'not loaded'})"
     )
     print(
