@@ -15,6 +15,7 @@ Used by ``scripts.compare``; the metrics are the ones the selection rule and the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +23,31 @@ import numpy as np
 import pandas as pd
 
 from common.errors import DataError
-from data_pipeline.schema import CLASSES
+from data_pipeline.schema import HAM7, ClassSet
 from model.bootstrap import check_n_boot, draws, group_index, reported_metrics
 from model.scoring import set_score
 
-PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
+#: HAM10000's probability columns; another model's file has one ``p_<code>`` per class of its own.
+PROB_COLUMNS = tuple(f"p_{c}" for c in HAM7)
 KEY = ["source", "image_id"]
+
+
+def file_classes(df: pd.DataFrame, folder: Path) -> ClassSet:
+    """The class set of a ``predictions.csv``: the ``class_set`` that ``scripts.evaluate``
+    recorded in ``metrics.json`` beside it, else its ``p_`` columns' codes (HAM10000's names and
+    malignancy)."""
+    metrics = folder / "metrics.json"
+    if metrics.is_file():
+        try:
+            recorded = json.loads(metrics.read_text()).get("class_set")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            recorded = None
+        if recorded:
+            return ClassSet.from_dict(recorded)
+    codes = [c[2:] for c in df.columns if c.startswith("p_")]
+    if not codes or set(codes) <= set(HAM7.codes):
+        return HAM7
+    return ClassSet.build(codes, HAM7.names_by_code, HAM7.malignant & set(codes))
 
 
 @dataclass(frozen=True)
@@ -59,17 +79,20 @@ def load_predictions(path: Path | str) -> pd.DataFrame:
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         reason = " ".join(str(exc).split())  # pandas' messages may span lines
         raise DataError(f"{path}: not a readable CSV ({reason})") from None
-    missing = [c for c in (*KEY, "dx", *PROB_COLUMNS) if c not in df]
+    classes = file_classes(df, path.parent)
+    columns = [f"p_{c}" for c in classes]
+    missing = [c for c in (*KEY, "dx", *columns) if c not in df]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-    unknown = sorted(set(df["dx"]) - set(CLASSES))
+    unknown = sorted(set(df["dx"]) - set(classes))
     if unknown:
         raise DataError(f"{path}: unknown dx value(s) {', '.join(map(str, unknown[:5]))}")
     if df.duplicated(KEY).any():
         raise DataError(f"{path}: an image appears twice in one source")
-    probs = df[list(PROB_COLUMNS)].to_numpy(dtype=float)
+    probs = df[columns].to_numpy(dtype=float)
     if not np.isfinite(probs).all():
         raise DataError(f"{path}: probabilities that are not finite numbers")
+    df.attrs["classes"] = classes
     return df
 
 
@@ -90,28 +113,32 @@ def pair(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     return both
 
 
-def source_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+def source_metrics(y: np.ndarray, probs: np.ndarray, classes: ClassSet = HAM7) -> dict[str, float]:
     """One source's reported figures (:func:`model.bootstrap.reported_metrics`, NaN where
     undefined) and its term of the selection rule (:func:`model.scoring.set_score`)."""
-    out = reported_metrics(y, probs)
+    out = reported_metrics(y, probs, classes)
 
     def known(x: float) -> float | None:
         return None if np.isnan(x) else x
 
     out["set_score"] = set_score(
         {
+            "classes": list(classes),
             "balanced_accuracy": out["balanced_accuracy"],
             "melanoma": {"auc": known(out["mel_auc"])},
+            "malignant": {"auc": known(out["malignant_auc"])},
             "macro_auc": known(out["macro_auc"]),
         }
     )
     return out
 
 
-def _all_metrics(parts: list[tuple[str, np.ndarray, np.ndarray]]) -> dict[tuple[str, str], float]:
+def _all_metrics(
+    parts: list[tuple[str, np.ndarray, np.ndarray]], classes: ClassSet = HAM7
+) -> dict[tuple[str, str], float]:
     out: dict[tuple[str, str], float] = {}
     for source, y, probs in parts:
-        for name, value in source_metrics(y, probs).items():
+        for name, value in source_metrics(y, probs, classes).items():
             out[(source, name)] = value
     out[("all", "selection_score")] = float(np.mean([out[(s, "set_score")] for s, _, _ in parts]))
     return out
@@ -123,16 +150,22 @@ def compare_predictions(
     """Paired bootstrap of every metric of B against A, source by source (resampling groups —
     lesions where known — within each source) and of the selection score over the sources."""
     check_n_boot(n_boot)
+    classes = a.attrs.get("classes", HAM7)
+    if b.attrs.get("classes", HAM7).codes != classes.codes:
+        raise DataError(
+            f"the two files are of models of different classes ({', '.join(classes)} vs "
+            f"{', '.join(b.attrs.get('classes', HAM7))}); compare models of one class set"
+        )
     both = pair(a, b)
-    y_all = both["dx_a"].map(CLASSES.index).to_numpy()
-    pa_all = both[[f"{c}_a" for c in PROB_COLUMNS]].to_numpy(dtype=float)
-    pb_all = both[[f"{c}_b" for c in PROB_COLUMNS]].to_numpy(dtype=float)
+    y_all = both["dx_a"].map(classes.index).to_numpy()
+    pa_all = both[[f"p_{c}_a" for c in classes]].to_numpy(dtype=float)
+    pb_all = both[[f"p_{c}_b" for c in classes]].to_numpy(dtype=float)
     sources, groups = group_index(both["source"].to_numpy(), both["group"].to_numpy())
 
     def measure(index: list[np.ndarray]) -> tuple[dict, dict]:
         parts_a = [(s, y_all[i], pa_all[i]) for s, i in zip(sources, index, strict=True)]
         parts_b = [(s, y_all[i], pb_all[i]) for s, i in zip(sources, index, strict=True)]
-        return _all_metrics(parts_a), _all_metrics(parts_b)
+        return _all_metrics(parts_a, classes), _all_metrics(parts_b, classes)
 
     full = [np.concatenate(g) for g in groups]
     base_a, base_b = measure(full)

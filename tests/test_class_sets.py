@@ -175,6 +175,13 @@ def test_evaluate_reads_the_models_classes(ph2_run, tmp_path: Path):
     assert "p_cnv,p_anv,p_mel" in header
     assert set(m["intervals"]["by_source"]["ph2"]) >= {"mel_auc", "malignant_auc"}
 
+    from model.compare import compare_predictions, load_predictions
+
+    mine = load_predictions(tmp_path / "eval")
+    assert mine.attrs["classes"] == PH2  # from the metrics.json beside it
+    rows = {(r.source, r.metric): r for r in compare_predictions(mine, mine, n_boot=20)}
+    assert rows[("ph2", "mel_auc")].diff == 0 and ("all", "selection_score") in rows
+
 
 @pytest.mark.slow
 def test_predictor_serves_and_history_stores_its_classes(ph2_run, tmp_path: Path, capsys):
