@@ -27,6 +27,9 @@ from common.version import __version__
 from db.session import error_reason, make_engine
 from service.prediction import PredictionService
 
+#: Seconds a probe waits for a database server to accept the connection.
+PROBE_TIMEOUT_S = 3
+
 
 class DatabaseProbe:
     """``SELECT 1`` on a fresh connection each time (no pool): a pooled connection could still
@@ -35,8 +38,12 @@ class DatabaseProbe:
     def __init__(self, url: str) -> None:
         self.backend = url.split(":", 1)[0].split("+", 1)[0]
         self.engine: Engine | None
+        # a server that does not answer must not hang the probe (and the orchestrator's check)
+        kwargs: dict[str, Any] = {"poolclass": NullPool}
+        if self.backend == "postgresql":
+            kwargs["connect_args"] = {"connect_timeout": PROBE_TIMEOUT_S}
         try:
-            self.engine = make_engine(url, poolclass=NullPool)
+            self.engine = make_engine(url, **kwargs)
         except (DermError, SQLAlchemyError, OSError):
             self.engine = None
 

@@ -520,3 +520,23 @@ def test_rest_load_benchmark_stores_every_request_once(tiny_checkpoint):
     assert (result["ok"], result["failed"], result["rows_stored"]) == (8, 0, 8)
     assert result["server_cpu_ms_per_request"] > 0 and result["rss_mb"] > 0
     assert isinstance(result["torch_loaded"], bool)
+
+
+@pytest.mark.postgres
+def test_healthz_and_rest_on_postgresql(tiny_checkpoint, postgres_url):
+    """The same server on a PostgreSQL history: /healthz probes it, REST stores into it."""
+    service = PredictionService.create(tiny_checkpoint, db_url=postgres_url)
+    server = AppServer(service, settings(["--port", str(free_port())]))
+    url = server.launch(quiet=True).local_url.rstrip("/")
+    try:
+        health = httpx.get(f"{url}/healthz").json()
+        assert health["database"] == {
+            "configured": True,
+            "backend": "postgresql",
+            "reachable": True,
+        }
+        r = _predict(url, auth=None)
+        assert r.status_code == 200 and r.json()["stored"] is True
+        assert service.count() == 1
+    finally:
+        server.close()
