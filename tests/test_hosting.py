@@ -368,6 +368,14 @@ def test_rest_and_ui_need_the_login(served):
 
 
 @pytest.mark.slow
+def test_about_tab_reports_the_version(served):
+    url, _, _ = served
+    login = httpx.post(f"{url}/login", data={"username": AUTH[0], "password": AUTH[1]})
+    config = httpx.get(f"{url}/config", cookies=login.cookies).text
+    assert f"DermFusion {__version__}" in config
+
+
+@pytest.mark.slow
 def test_failed_logins_slow_the_client_down(served):
     url, server, _ = served
     throttle = server.throttle

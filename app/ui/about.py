@@ -8,6 +8,7 @@ import gradio as gr
 
 from app import views
 from app.ui.common import Components
+from common.version import __version__
 from model.subgroups import audit_markdown, load_audit
 from service.prediction import PredictionService
 
@@ -49,6 +50,11 @@ def build_about_ui(service: PredictionService) -> Components:
         )
     card = views.model_card_markdown(predictor.config, folder, predictor.runtime)
     ui["model_card"] = gr.Markdown(card, elem_id="model-card")
+    # relative links: they stay under the app's root path behind a reverse proxy
+    ui["version"] = gr.Markdown(
+        f"DermFusion {__version__} · [REST API](api/v1/docs) · [health](healthz)",
+        elem_id="software-version",
+    )
     audit = load_audit(folder) if folder is not None else None
     if audit is not None:
         ui["subgroups"] = gr.Markdown(
