@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import base64
 import html
+import math
+import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -99,9 +101,16 @@ MALIGNANT_COLOUR = "#b91c1c"
 BENIGN_COLOUR = "#2563eb"
 
 
-def percent(p: float) -> str:
-    """``<1 %`` below one percent, else a whole percentage (``34 %``)."""
-    return "<1 %" if p < 0.01 else f"{100 * p:.0f} %"
+def percent(p: float, threshold: float | None = None) -> str:
+    """``<1 %`` below one percent, else a whole percentage (``34 %``). Compared with a
+    ``threshold``, a value that rounding would put on the threshold's other side gets one
+    decimal, rounded towards its own side: 49.96 % below 50 % reads ``49.9 %``, never ``50 %``."""
+    if p < 0.01:
+        return "<1 %"
+    whole = f"{100 * p:.0f} %"
+    if threshold is not None and p < threshold <= float(whole[:-2]) / 100:
+        return f"{math.floor(1000 * p) / 10:.1f} %"
+    return whole
 
 
 def probabilities_html(probabilities: dict[str, float], model_version: str | None = None) -> str:
@@ -160,7 +169,7 @@ def alerts_html(prediction: Prediction, storage_problem: str | None = None) -> s
             _alert(
                 "warn",
                 "Low confidence:",
-                f"the top class has only {percent(prediction.top_probability)} "
+                f"the top class has only {percent(prediction.top_probability, LOW_CONFIDENCE)} "
                 f"(below {LOW_CONFIDENCE:.0%}).",
             )
         )
@@ -245,6 +254,9 @@ def thumbnail_markdown(jpeg: bytes | None, alt: str) -> str:
     small = small_thumbnail_jpeg(jpeg)
     if small is None:
         return "—"
+    # the alt text is a file name or an id: only letters, digits and a few marks survive, so a
+    # name like "x](javascript:...) <img ...>.jpg" cannot close the image syntax or add markup
+    alt = re.sub(r"[^\w #.,-]+", "_", alt)[:80]
     return f"![{alt}](data:image/jpeg;base64,{base64.b64encode(small).decode('ascii')})"
 
 
@@ -281,6 +293,21 @@ HISTORY_TABLE_COLUMNS = [
     "sex",
     "site",
     "model",
+]
+#: Column widths of the History table: wide enough for each header on one line (a wrapped
+#: "confirmed" was a letter per line) and for the usual values.
+HISTORY_TABLE_WIDTHS: list[str | int] = [
+    "76px",
+    "64px",
+    "130px",
+    "180px",
+    "110px",
+    "150px",
+    "150px",
+    "64px",
+    "90px",
+    "130px",
+    "200px",
 ]
 HISTORY_TABLE_TYPES: list[Literal["str", "number", "markdown"]] = [
     "markdown",

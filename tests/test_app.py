@@ -12,6 +12,7 @@ import io
 import socket
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import gradio as gr
 import httpx
@@ -227,7 +228,7 @@ def test_bad_input_is_refused_with_its_message_and_nothing_stored(app, files, ca
 
 
 def test_storage_failure_is_shown_not_hidden(app, monkeypatch):
-    def broken_session():
+    def broken_session(**_kwargs):
         raise OperationalError("INSERT INTO predictions", {}, Exception("database is locked"))
 
     before = app.service.count()
@@ -289,11 +290,21 @@ def test_history_csv_holds_every_row_beyond_the_table(app, monkeypatch):
     monkeypatch.setattr(history_ui, "CSV_PAGE", 2)  # several database pages per export
     table, summary, csv_path = app.client.predict("", "", [], 0, "any", "any", api_name="/history")
     total = app.service.count()
-    assert len(table["data"]) == 2 and "newest 2 shown, all in the CSV" in summary
+    pages = -(-total // 2)
+    assert len(table["data"]) == 2 and f"page 1 of {pages}: rows 1–2" in summary
+    assert "all in the CSV" in summary
     with open(csv_path, newline="") as fh:
         ids = [int(r["id"]) for r in csv.DictReader(fh)]
     assert len(ids) == total == len(set(ids))
     assert ids[:2] == [r[1] for r in table["data"]]
+    # paging past the newest rows: page 2 holds the next two, a page past the end the last
+    table2, summary2, _ = app.client.predict("", "", [], 0, "any", "any", 2, api_name="/history")
+    assert [r[1] for r in table2["data"]] == ids[2:4] and "rows 3–4" in summary2
+    last, summary_last, _ = app.client.predict(
+        "", "", [], 0, "any", "any", 999, api_name="/history"
+    )
+    assert [r[1] for r in last["data"]] == ids[2 * (pages - 1) :]
+    assert f"page {pages} of {pages}" in summary_last
 
 
 @pytest.mark.parametrize(
@@ -602,3 +613,192 @@ def test_served_output_images_are_removed_by_the_cache_clean_up(app):
     assert {p.suffix for p in new} == {".jpg", ".png"}  # the heatmap panel and the chart
     delete_files_created_by_app(app.demo, None)
     assert not any(p.exists() for p in new)
+
+
+# --- records: named API, forms, delete means gone (issue 24) -------------------------------------
+
+
+def test_api_parameters_are_named_and_no_helper_endpoint_is_public(app):
+    """``gradio_client`` users see ``image, age, sex, ...``, not ``param_0 ...``, and only the
+    documented endpoints (no ``/lambda_N`` helpers)."""
+    api = app.client.view_api(print_info=False, return_format="dict")
+    named = {
+        name: [p["parameter_name"] for p in ep["parameters"]]
+        for name, ep in api["named_endpoints"].items()
+    }
+    filters = ["since", "until", "classes", "min_prob", "sex", "site"]
+    assert named == {
+        "/predict": ["image", "age", "sex", "site", "explain_class", "opacity"],
+        "/batch": ["files", "metadata"],
+        "/history": [*filters, "page"],
+        "/history_item": ["prediction_id"],
+        "/confirm": ["prediction_id", "dx", "source", "note"],
+        "/report": ["prediction_id"],
+        "/delete": ["prediction_id"],
+        "/agreement": filters,
+    }
+    assert not api["unnamed_endpoints"]
+    # named parameters work as keywords, and the optional ones may be left out
+    *_, result = app.client.predict(
+        image=handle_file(str(EXAMPLE)), age="50", sex="male", site="back", api_name="/predict"
+    )
+    record = app.service.get(result["prediction_id"])
+    assert (record.age, record.sex, record.site) == (50.0, "male", "back")
+
+
+def _noise_png(path: Path, seed: int) -> Path:
+    """A unique image (no example shares its bytes, so its upload is its own file)."""
+    rgb = np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def _app_files() -> set[Path]:
+    """Every file in Gradio's cache and in every export folder of this process."""
+    import os
+    import tempfile
+
+    from gradio.utils import get_upload_folder
+
+    from app.ui.common import EXPORT_PREFIX
+
+    roots = [Path(get_upload_folder())]
+    roots += Path(tempfile.gettempdir()).glob(f"{EXPORT_PREFIX}{os.getpid()}-*")
+    return {p.resolve() for root in roots for p in root.rglob("*") if p.is_file()}
+
+
+def _file_url(url: str, path: Path) -> str:
+    return f"{url.rstrip('/')}/gradio_api/file={path}"
+
+
+@pytest.fixture
+def private_app(tiny_checkpoint, tmp_path, monkeypatch):
+    """An app with its own Gradio cache and temp folder (the machine's /tmp/gradio is shared
+    with other test runs, whose files must not look like this app's)."""
+    import tempfile
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    service = PredictionService.create(tiny_checkpoint, db_url=f"sqlite:///{tmp_path / 'h.db'}")
+    demo = make_frontend(service)
+    url = launch(demo, host="127.0.0.1", port=free_port(), quiet=True).local_url
+    yield SimpleNamespace(service=service, url=url)
+    demo.close()
+    service.close()
+
+
+def test_delete_removes_every_file_the_app_made_for_the_record(private_app, files):
+    """Plant records (Analyse, a batch, another record kept), open them, make their reports and
+    downloads; every file this produced is on disk and served. Delete the two: none of their
+    files is on disk or served any more, and the kept record's files still are."""
+    app = private_app
+    # a client that does not download results: they would land in the server's cache folder
+    # (same machine, same temp dir) and look like files the server made
+    client = Client(app.url, verbose=False, download_files=False)
+
+    def path_of(value: Any) -> Path:
+        return Path(value["path"] if isinstance(value, dict) else value).resolve()
+
+    def plant(name: str, seed: int) -> int:
+        image = handle_file(str(_noise_png(files / name, seed)))
+        return client.predict(image, "40", "female", "face", api_name="/predict")[-1][
+            "prediction_id"
+        ]
+
+    kept = plant("kept.png", 1)
+    client.predict(str(kept), api_name="/history_item")
+    kept_report = path_of(client.predict(str(kept), api_name="/report"))
+    before = _app_files()
+
+    pid = plant("patient.png", 2)
+    batch_image = handle_file(str(_noise_png(files / "batch_patient.png", 3)))
+    _summary, table, _csv = client.predict([batch_image], None, api_name="/batch")
+    batch_pid = int(str(table["data"][0][2]).lstrip("#"))
+    served = []
+    for one in (pid, batch_pid):
+        _id, image, *_rest, chart = client.predict(str(one), api_name="/history_item")
+        served += [
+            path_of(image),
+            path_of(chart),
+            path_of(client.predict(str(one), api_name="/report")),
+        ]
+    client.predict("", "", [], 0, "any", "any", api_name="/history")
+    # Gradio's upload parser leaves an empty placeholder per upload (tmpXXXX): no bytes of it
+    made = {p for p in _app_files() - before if p.stat().st_size > 0}
+    assert {".png", ".jpg", ".pdf", ".csv"} <= {p.suffix for p in made}
+    assert any(p.name == "patient.png" for p in made)  # the uploaded original
+    assert any(p.name == "batch_patient.png" for p in made)
+    assert set(served) <= made
+    cache = Path(gr.utils.get_upload_folder()).resolve()
+    cached = [p for p in made if cache in p.parents]
+    for path in cached:
+        assert httpx.get(_file_url(app.url, path)).status_code == 200, path
+
+    for one in (pid, batch_pid):
+        status, *_ = client.predict(str(one), api_name="/delete")
+        assert f"#{one} was deleted" in status
+        assert app.service.get(one) is None
+    left = [p for p in made if p.exists()]
+    assert left == [], "\n".join(map(str, left))
+    for path in cached:  # Gradio answers 403 (not 404) for a file that is not there
+        assert httpx.get(_file_url(app.url, path)).status_code in (403, 404), path
+    # the other record keeps its upload, panels and report (CSV listings go with any delete)
+    assert kept_report.is_file()
+    assert all(p.exists() for p in before if p.suffix != ".csv")
+
+
+def test_opening_a_record_loads_its_own_confirmation_never_the_previous_one(app):
+    from app.ui.history import confirm_record, confirmation_form
+
+    a = predict(app.client, EXAMPLE, 40, "female", "back")[-1]["prediction_id"]
+    b = predict(app.client, EXAMPLE, 41, "male", "face")[-1]["prediction_id"]
+    confirm_record(app.service, a, "mel", "histopathology", "excised 2026-01")
+    assert confirmation_form(app.service, a) == {
+        "confirm_dx": "mel",
+        "confirm_source": "histopathology",
+        "confirm_note": "excised 2026-01",
+    }
+    assert confirmation_form(app.service, b) == {
+        "confirm_dx": None,
+        "confirm_source": None,
+        "confirm_note": "",
+    }
+    # a typed display label counts as its code; an empty form is refused, nothing stored
+    confirm_record(app.service, b, "Melanocytic nevus (nv)", "clinician")
+    assert app.service.get(b).confirmed_dx == "nv"
+    with pytest.raises(gr.Error, match="Choose the confirmed diagnosis"):
+        confirm_record(app.service, a, None, None, "")
+    assert app.service.get(a).confirmed_note == "excised 2026-01"
+
+
+def test_explaining_another_class_keeps_the_saved_id(app):
+    from app.ui.analyse import analyse, explain_again
+
+    out = analyse(app.service, str(EXAMPLE), "40", "female", "back")
+    pid = out["result"]["prediction_id"]
+    again = explain_again(
+        app.service, str(EXAMPLE), "40", "female", "back", "mel", 0.5, out["view"]
+    )
+    assert f"saved to history as **#{pid}**" in again["explained"]
+    assert "Melanoma" in again["explained"] and again["view"]["id"] == pid
+
+
+def test_percentages_never_round_across_the_threshold_they_are_compared_with():
+    assert views.percent(0.499, 0.5) == "49.9 %"
+    assert views.percent(0.49996, 0.5) == "49.9 %"  # never "50.0 %" below 50 %
+    assert views.percent(0.5, 0.5) == "50 %" and views.percent(0.494, 0.5) == "49 %"
+    assert views.percent(0.499) == "50 %" and views.percent(0.004) == "<1 %"
+
+
+def test_batch_file_names_are_text_in_the_table():
+    from service.batch import BatchRow
+
+    name = "x](javascript:alert(1)) <img src=x onerror=alert(1)>.jpg"
+    thumb = io.BytesIO()
+    Image.new("RGB", (20, 20), (120, 80, 60)).save(thumb, format="JPEG")
+    row = BatchRow(name=name, prediction_id=3, top_class="nv", probability=0.7)
+    cell, file_cell, *_ = views.batch_table_row(row, thumb.getvalue())
+    assert file_cell == name  # a "str" column: shown as typed
+    alt = cell[2 : cell.index("](data:")]
+    assert "](" not in alt and "<" not in alt and ">" not in alt and "(" not in alt

@@ -23,6 +23,7 @@ import pytest
 from app.__main__ import launch
 from app.ui.analyse import EXAMPLES_DIR
 from app.ui.demo import build_demo as make_frontend
+from data_pipeline.request import PredictionRequest
 from data_pipeline.schema import CLASS_NAMES, CLASSES
 from model.checkpoint import CONFIG_FILE, SHIPPED_DIR
 from service.prediction import PredictionService
@@ -242,3 +243,139 @@ def test_analyse_batch_history_agreement_about_in_a_real_browser(browser, served
         _no_sideways_scroll(phone, 390)
         _save(phone, tmp_path, name)
     phone.close()
+
+
+def _type_choice(page, label: str, text: str) -> None:
+    """Type ``text`` into the Gradio dropdown labelled ``label`` and press Enter, as a person
+    who knows the option's name does."""
+    box = page.get_by_label(label, exact=True).first
+    box.click()
+    box.fill("")
+    box.press_sequentially(text)
+    box.press("Enter")
+
+
+def test_records_forms_dropdowns_and_delete_in_a_real_browser(browser, served, tmp_path):
+    """Issue 24: what the app stores is what the user saw and meant, and a delete says what it
+    removes. Exact dropdown matches win, a typed value matching nothing is refused, an error
+    clears the previous result, re-explaining keeps the saved id, each opened record shows its
+    own confirmation (never the previous record's), an empty form is refused, a batch file
+    name is text."""
+    expect = pytest.importorskip("playwright.sync_api").expect
+    service, url = served
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(WAIT_MS)
+    page.goto(url)
+    page.get_by_role("button", name="Analyse", exact=True).wait_for()
+
+    # "male" + Enter is male (Gradio's own Enter would take "female", the first match)
+    page.locator("input[type=file]").first.set_input_files(str(EXAMPLES_DIR / "ISIC_0029281.jpg"))
+    page.get_by_label("Age (years, optional)").fill("52")
+    _type_choice(page, "Sex", "male")
+    _type_choice(page, "Body site", "back")
+    assert page.get_by_label("Sex", exact=True).first.input_value() == "male"
+    page.get_by_role("button", name="Analyse", exact=True).click()
+    info = page.locator("#result-info")
+    info.get_by_text(re.compile(r"saved to history as #\d+")).wait_for()
+    first = int(re.search(r"#(\d+)", info.inner_text()).group(1))
+    assert (service.get(first).sex, service.get(first).site) == ("male", "back")
+
+    # another class explained: the result still says where it is saved
+    _choose(page, "Class to explain (heatmap and metadata chart)", "Melanoma (mel)")
+    info.get_by_text("now explain").wait_for()
+    assert f"saved to history as #{first}" in info.inner_text()
+
+    # a typed value matching no option is refused with its message; the old result is gone
+    count = service.count()
+    _type_choice(page, "Sex", "mail")
+    page.get_by_role("button", name="Analyse", exact=True).click()
+    page.get_by_text("Unknown sex").first.wait_for()
+    assert service.count() == count
+    assert page.locator("#probabilities .prob-row").count() == 0
+    assert "saved to history" not in info.inner_text()
+
+    # History: a second record; each opened record shows its own confirmation
+    second = service.predict_and_store(
+        PredictionRequest.build(EXAMPLES_DIR / "ISIC_0028211.jpg", 60, "female", "face")
+    ).id
+    page.reload()
+    page.get_by_role("button", name="Analyse", exact=True).wait_for()
+    page.get_by_role("tab", name="History").click()
+    table = page.locator("#history-table")
+    table.get_by_role("gridcell", name=str(second), exact=True).first.wait_for()
+    record_btn = page.get_by_role("button", name="Record confirmed diagnosis", exact=True)
+    assert record_btn.is_disabled()  # nothing open yet: nothing to record
+    pick = page.get_by_label("Prediction id")
+    detail = page.locator("#history-detail")
+    dx = page.get_by_label("Confirmed diagnosis", exact=True).first
+    source = page.get_by_label("Confirmed by", exact=True).first
+    note = page.get_by_label("Note (optional)")
+
+    def open_by_id(pid: int) -> None:
+        pick.fill(str(pid))
+        pick.press("Enter")
+        detail.get_by_text(f"Prediction #{pid}").wait_for()
+        expect(record_btn).to_be_enabled(timeout=WAIT_MS)  # the form is loaded with the actions
+
+    open_by_id(first)
+    assert dx.input_value() == "" and note.input_value() == ""
+    _type_choice(page, "Confirmed diagnosis", "mel")  # the code in brackets counts as exact
+    _choose(page, "Confirmed by", "histopathology")
+    note.fill("excised, see lab 12")
+    record_btn.click()
+    page.locator("#history-status").get_by_text("recorded").wait_for()
+    stored = service.get(first)
+    assert (stored.confirmed_dx, stored.confirmed_note) == ("mel", "excised, see lab 12")
+
+    # a click on the other row: its (empty) confirmation, not the first one's
+    table.get_by_role("gridcell", name=str(second), exact=True).first.click()
+    detail.get_by_text(f"Prediction #{second}").wait_for()
+    expect(note).to_have_value("", timeout=WAIT_MS)
+    assert dx.input_value() == "" and source.input_value() == ""
+    record_btn.click()  # nothing chosen: refused, nothing stored
+    page.get_by_text("Choose the confirmed diagnosis").first.wait_for()
+    assert service.get(second).confirmed_dx is None
+
+    # back to the first: its stored confirmation is shown
+    open_by_id(first)
+    expect(note).to_have_value("excised, see lab 12", timeout=WAIT_MS)
+    assert dx.input_value() == "Melanoma (mel)" and source.input_value() == "histopathology"
+    assert note.input_value() == "excised, see lab 12"
+    # another id put in the box without typing (pasted with the mouse, autofill): refused, as
+    # the form shows the first record
+    pick.fill(str(second))
+    record_btn.click()
+    page.get_by_text("press Show prediction to open that one first").first.wait_for()
+    assert service.get(second).confirmed_dx is None
+    # typing another id: the shown record no longer matches the box, so nothing can be sent
+    pick.press("End")
+    pick.press_sequentially("9")
+    expect(record_btn).to_be_disabled(timeout=WAIT_MS)
+    assert note.input_value() == "" and detail.inner_text().strip() == ""
+
+    # delete: the dialog says exactly what goes
+    open_by_id(second)
+    page.get_by_role("button", name="Delete this prediction…").click()
+    dialog = page.locator("#delete-dialog")
+    dialog.get_by_text(f"Delete prediction #{second} for good?").wait_for()
+    text = dialog.inner_text()
+    assert "uploaded original" in text and "case-report PDFs" in text and "backups" in text
+    page.get_by_role("button", name="Yes, delete it").click()
+    page.locator("#history-status").get_by_text(f"#{second} was deleted").wait_for()
+    assert service.get(second) is None
+    expect(record_btn).to_be_disabled(timeout=WAIT_MS)
+
+    # a batch file name with markup is shown as text
+    name = "x](javascript:alert(1)) <img src=x onerror=alert(1)>.jpg"
+    odd = tmp_path / name
+    shutil.copy(EXAMPLES_DIR / "ISIC_0029448.jpg", odd)
+    page.get_by_role("tab", name="Batch").click()
+    page.locator("#batch-files input[type=file]").set_input_files(str(odd))
+    page.wait_for_timeout(1000)
+    page.get_by_role("button", name="Analyse batch").click()
+    page.locator("#batch-summary").get_by_text("1 image analysed and stored").wait_for()
+    batch_table = page.locator("#batch-table")
+    assert batch_table.locator('img[src="x"]').count() == 0
+    assert batch_table.locator('a[href^="javascript"]').count() == 0
+    assert "onerror=alert(1)" in batch_table.inner_text()  # the name, as text
+    page.close()

@@ -111,7 +111,10 @@ def test_confirm_bad_values_are_refused(app):
     pid = str(result["prediction_id"])
     for args, message in [
         ((pid, "melanoma", "histopathology", ""), "Unknown confirmed diagnosis"),
-        ((pid, "mel", "", ""), "Unknown confirmation source"),
+        ((pid, "mel", "nobody", ""), "Unknown confirmation source"),
+        # an empty form is refused, never stored as whatever was chosen before
+        ((pid, "mel", "", ""), "Choose the confirmed diagnosis and who confirmed it"),
+        ((pid, None, "clinician", ""), "Choose the confirmed diagnosis and who confirmed it"),
         (("99999", "mel", "clinician", ""), "No stored prediction has id 99999"),
         (("", "mel", "clinician", ""), "Enter a prediction id"),
     ]:

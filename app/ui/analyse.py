@@ -16,6 +16,8 @@ import gradio as gr
 from app import views
 from app.ui.common import (
     DEFAULT_OPACITY,
+    EXACT_CHOICE,
+    EXAMPLES_DIR,
     PREDICT_CONCURRENCY,
     SERIAL_CONCURRENCY,
     Components,
@@ -23,8 +25,10 @@ from app.ui.common import (
     bind,
     bind_plain,
     case_report,
+    choice_dropdown,
     forget_uploads,
     output_file,
+    record_files,
     shown_as_errors,
     shown_image,
 )
@@ -32,11 +36,10 @@ from common.errors import DermError
 from data_pipeline.images import read_image
 from data_pipeline.request import PredictionRequest
 from data_pipeline.schema import HAM7, SEXES, SITES, UNKNOWN, ClassSet
+from model.subgroups import skin_tone_line
 from service import history
 from service.prediction import PredictionService, StorageError, StoredPrediction
 from service.render import contributions_chart, side_by_side
-
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
 NO_IMAGE = (
     "No image was submitted: upload a dermoscopy image (JPEG, PNG, TIFF, ...), take one with the "
@@ -83,17 +86,19 @@ def analyse(
     age: Any,
     sex: Any,
     site: Any,
-    target: Any = TOP_CLASS,
+    explain_class: Any = TOP_CLASS,
     opacity: Any = DEFAULT_OPACITY,
 ) -> Values:
-    """Validate, predict, store; a storage failure still shows the prediction, with a warning."""
+    """Validate, predict, store; a storage failure still shows the prediction, with a warning.
+    ``explain_class``: the class the heatmap and metadata chart explain (``top``: the top
+    class); ``opacity``: of the heatmap overlay, 0-1."""
     if image is None or (isinstance(image, str) and not image.strip()):
         raise gr.Error(NO_IMAGE, title="No image", print_exception=False)
     storage_problem = None
     try:
         with shown_as_errors("analysing the image", "Cannot analyse this input"):
             request = PredictionRequest.build(
-                image, age, sex, site, _target(target), name=Path(image).name
+                image, age, sex, site, _target(explain_class), name=Path(image).name
             )
             try:
                 stored = service.predict_and_store(request)
@@ -109,10 +114,15 @@ def analyse(
         gr.Warning(storage_problem, title="Not saved to history")
     values = _explanation_values(pred, _opacity(opacity))
     values["view"]["id"] = stored.id
+    if service.store_images:  # else the upload is gone already (forget_uploads)
+        record_files(service).add(stored.id, image)
+    record_files(service).add(stored.id, values["heatmap"], values["chart"])
     return {
         "probabilities": views.probabilities_html(pred.probabilities, pred.model_version),
         "alerts": views.alerts_html(pred, storage_problem),
-        "info": views.result_markdown(stored),
+        "info": views.result_markdown(stored)
+        + "\n\n"
+        + skin_tone_line(pred.image, getattr(service.predictor, "folder", None)),
         "result": {
             "prediction_id": stored.id,
             "stored": stored.stored,
@@ -133,7 +143,7 @@ def explain_again(
     age: Any,
     sex: Any,
     site: Any,
-    target: Any,
+    explain_class: Any,
     opacity: Any,
     view: dict[str, Any] | None,
 ) -> Values:
@@ -147,22 +157,29 @@ def explain_again(
         return {k: gr.skip() for k in ("heatmap", "chart", "view", "explained")}
     with shown_as_errors("explaining the image", "Cannot explain this class"):
         request = PredictionRequest.build(
-            image, age, sex, site, _target(target), name=Path(image).name
+            image, age, sex, site, _target(explain_class), name=Path(image).name
         )
         pred = service.explain(request)
     values = _explanation_values(pred, _opacity(opacity))
-    values["view"]["id"] = view.get("id")
+    pid = values["view"]["id"] = view.get("id")
+    record_files(service).add(pid, values["heatmap"], values["chart"])
     name = pred.classes.name(values["view"]["target"] or "")
-    values["explained"] = f"Heatmap and metadata chart now explain **{name}** (not re-stored)."
+    saved = f"saved to history as **#{pid}**" if pid is not None else "**not saved** to history"
+    values["explained"] = (
+        f"Heatmap and metadata chart now explain **{name}** (not stored again); the prediction "
+        f"is {saved}."
+    )
     return values
 
 
-def redraw_heatmap(view: dict[str, Any] | None, opacity: Any) -> Values:
+def redraw_heatmap(service: PredictionService, view: dict[str, Any] | None, opacity: Any) -> Values:
     """The heatmap at another opacity (no new prediction)."""
     if not view or view.get("image") is None:
         return {"heatmap": gr.skip()}
     alpha = _opacity(opacity)
-    return {"heatmap": output_file(side_by_side(view["image"], view.get("heatmap"), alpha))}
+    panel = output_file(side_by_side(view["image"], view.get("heatmap"), alpha))
+    record_files(service).add(view.get("id"), panel)
+    return {"heatmap": panel}
 
 
 def check_upload(image: str | None) -> Values:
@@ -254,21 +271,15 @@ def _analyse_inputs(classes: ClassSet = HAM7) -> Components:
             info="0–120",
             min_width=120,
         )
-        ui["sex"] = gr.Dropdown(
-            choices=list(SEXES), value=UNKNOWN, label="Sex", allow_custom_value=True, min_width=120
-        )
-        ui["site"] = gr.Dropdown(
-            choices=list(SITES),
-            value=UNKNOWN,
-            label="Body site",
-            allow_custom_value=True,
-            min_width=120,
-        )
+        # a typed value nothing matches is refused by PredictionRequest with its message
+        ui["sex"] = choice_dropdown(list(SEXES), UNKNOWN, "Sex")
+        ui["site"] = choice_dropdown(list(SITES), UNKNOWN, "Body site")
     ui["target"] = gr.Dropdown(
         choices=[("Top class (default)", TOP_CLASS)]
         + [(f"{classes.name(c)} ({c})", c) for c in classes],  # the model's classes
         value=TOP_CLASS,
         label="Class to explain (heatmap and metadata chart)",
+        elem_classes=[EXACT_CHOICE],
     )
     return ui
 
@@ -341,7 +352,19 @@ def build_analyse_ui(
     ui = {**inputs, **outputs}
     # the opacity slider sits with the heatmap but is an input of /predict too
     predict_inputs = [ui[k] for k in PREDICT_INPUTS]
+    # the previous result is cleared first, so an error never shows above someone else's result
     submit.click(
+        lambda: {
+            **{outputs[k]: None for k in ("heatmap", "chart", "result", "view")},
+            outputs["probabilities"]: "",
+            outputs["alerts"]: RESULTS_PLACEHOLDER,
+            outputs["info"]: "",
+            outputs["report"]: gr.File(value=None, visible=False),
+        },
+        outputs=[*(outputs[k] for k in PREDICT_OUTPUTS), outputs["view"], outputs["report"]],
+        queue=False,
+        api_visibility="private",
+    ).then(
         bind(analyse, service, ui),
         inputs=predict_inputs,
         outputs=[*(outputs[k] for k in PREDICT_OUTPUTS), outputs["view"]],
@@ -364,7 +387,7 @@ def build_analyse_ui(
         concurrency_limit=SERIAL_CONCURRENCY,
     )
     outputs["opacity"].release(
-        bind_plain(redraw_heatmap, ui),
+        bind(redraw_heatmap, service, ui),
         inputs=[outputs["view"], outputs["opacity"]],
         outputs=outputs["heatmap"],
         api_visibility="private",

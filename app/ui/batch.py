@@ -17,6 +17,7 @@ from app.ui.common import (
     Values,
     forget_uploads,
     prune,
+    record_files,
     shown_as_errors,
 )
 from service import batch as batch_service
@@ -64,6 +65,9 @@ def batch_analysis(
                     (batch_service.csv_row(r, codes) for r in rows),
                 )
             ids = [r.prediction_id for r in rows if r.prediction_id is not None]
+            files = record_files(service)
+            for pid in ids:  # a zip or the CSV holds every row's data: deleting one removes them
+                files.add(pid, str(out), *(paths if service.store_images else ()), csv_path)
             thumbs = service.thumbnails(ids) if service.store_images else {}
             table = [
                 views.batch_table_row(
@@ -116,7 +120,13 @@ def build_batch_ui(service: PredictionService, exports: Path) -> Components:
         values = batch_analysis(service, exports, files, metadata, progress)
         return {ui[k]: v for k, v in values.items()}
 
+    # the previous batch's result is cleared first, so an error never shows under old rows
     run_btn.click(
+        lambda: {ui["summary"]: "", ui["table"]: None, ui["download"]: None},
+        outputs=[ui[k] for k in BATCH_OUTPUTS],
+        queue=False,
+        api_visibility="private",
+    ).then(
         run,
         inputs=[ui[k] for k in BATCH_INPUTS],
         outputs=[ui[k] for k in BATCH_OUTPUTS],

@@ -24,12 +24,13 @@ from app.ui.agreement import AGREEMENT_OUTPUTS, build_agreement_ui
 from app.ui.analyse import build_analyse_ui
 from app.ui.batch import build_batch_ui
 from app.ui.common import (
+    EXACT_CHOICE_JS,
     EXPORT_PREFIX,
     HISTORY_INPUTS,
     PREDICT_CONCURRENCY,
     clean_stale_exports,
 )
-from app.ui.history import HISTORY_OUTPUTS, build_history_ui
+from app.ui.history import SEARCH_INPUTS, SEARCH_OUTPUTS, build_history_ui
 from common.text import DISCLAIMER
 from service.prediction import PredictionService
 
@@ -112,8 +113,8 @@ def build_demo(
                 ui, search = build_history_ui(service, exports)
                 history_tab.select(
                     search,
-                    inputs=[ui[k] for k in HISTORY_INPUTS],
-                    outputs=[ui[k] for k in HISTORY_OUTPUTS],
+                    inputs=[ui[k] for k in SEARCH_INPUTS],
+                    outputs=[ui[k] for k in SEARCH_OUTPUTS],
                     api_visibility="private",
                 )
             with gr.Tab("Agreement", id="agreement") as agreement_tab:
@@ -126,6 +127,7 @@ def build_demo(
                 )
             with gr.Tab("About", id="about"):
                 build_about_ui(service)
+        demo.load(None, js=EXACT_CHOICE_JS, api_visibility="private")
     demo.queue(
         default_concurrency_limit=DEFAULT_CONCURRENCY,
         max_size=max_queue,

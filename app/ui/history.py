@@ -8,6 +8,7 @@ diagnosis, case report and deletion; the ``/history``, ``/history_item``, ``/con
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -24,10 +25,12 @@ from app.ui.common import (
     Values,
     bind,
     case_report,
+    choice_dropdown,
     history_filters,
     output_file,
-    prediction_id,
+    parse_prediction_id,
     prune,
+    record_files,
     shown_as_errors,
     shown_image,
 )
@@ -45,6 +48,10 @@ CSV_PAGE = 500
 
 #: Input and output order of the ``/history``, ``/history_item``, ``/confirm`` and ``/delete`` APIs.
 HISTORY_OUTPUTS = ("table", "summary", "download")
+#: Inputs of the History tab's search: the filters and the page (``/history``'s last parameter).
+SEARCH_INPUTS = (*HISTORY_INPUTS, "page")
+#: Outputs of a search: ``/history``'s three values and the page shown (a state, not in the API).
+SEARCH_OUTPUTS = (*HISTORY_OUTPUTS, "shown_page")
 DETAIL_OUTPUTS = ("pick_id", "detail_image", "detail", "detail_probabilities", "detail_chart")
 CONFIRM_INPUTS = ("pick_id", "confirm_dx", "confirm_source", "confirm_note")
 CONFIRM_OUTPUTS = ("status", *DETAIL_OUTPUTS)
@@ -62,6 +69,14 @@ def _all_matching(service: PredictionService, f: HistoryFilter) -> Iterator[Pred
         offset += CSV_PAGE
 
 
+def _page_number(value: Any) -> int:
+    """The page asked for (1 = newest); blank or nonsense → 1."""
+    try:
+        return max(1, int(float(value)))
+    except (TypeError, ValueError, OverflowError):
+        return 1
+
+
 def search_history(
     service: PredictionService,
     exports: Path,
@@ -71,34 +86,45 @@ def search_history(
     min_prob: Any,
     sex: Any,
     site: Any,
+    page: Any = 1,
 ) -> Values:
-    """The filtered table (newest :data:`HISTORY_PAGE` rows), a summary and the full CSV.
+    """One page of the filtered table (:data:`HISTORY_PAGE` rows, page 1 = newest), a summary
+    and the CSV of every matching row. A page past the end shows the last page.
 
     A bad filter raises a titled error saying what to fix; the table keeps what it showed."""
     with shown_as_errors("searching the history", "Check the filter"):
         f = views.history_filter(since, until, classes, min_prob, sex, site)
         total = service.count(f)
-        shown = service.history(f, limit=HISTORY_PAGE, images=False)
+        pages = max(1, -(-total // HISTORY_PAGE))
+        shown_page = min(_page_number(page), pages)
+        offset = (shown_page - 1) * HISTORY_PAGE
+        shown = service.history(f, limit=HISTORY_PAGE, offset=offset, images=False)
         thumbs = service.thumbnails([r.id for r in shown]) if service.store_images else {}
         prune(exports)
         out = exports / f"dermfusion_history_{uuid.uuid4().hex[:8]}.csv"
         history.write_csv(_all_matching(service, f), out)
+        record_files(service).add_listing(str(out))
     now = datetime.now(UTC)
     if total == 0:
         summary = f"No stored predictions match ({f.describe()})."
     else:
-        more = f"; newest {len(shown)} shown, all in the CSV" if len(shown) < total else ""
-        summary = f"**{views.plural(total, 'matching prediction')}** ({f.describe()}{more})."
+        where = ""
+        if pages > 1:
+            where = (
+                f"; page {shown_page} of {pages}: rows {offset + 1}–{offset + len(shown)}, "
+                "newest first, all in the CSV"
+            )
+        summary = f"**{views.plural(total, 'matching prediction')}** ({f.describe()}{where})."
     rows = [views.history_table_row(r, thumbs.get(r.id), now) for r in shown]
-    return {"table": rows, "summary": summary, "download": str(out)}
+    return {"table": rows, "summary": summary, "download": str(out), "shown_page": shown_page}
 
 
-def _detail_values(record: PredictionRecord) -> Values:
+def _detail_values(service: PredictionService, record: PredictionRecord) -> Values:
     image = thumbnail_from_jpeg(record.thumbnail)
     heat = heatmap_from_png(record.heatmap_png)
     metadata = Metadata(age=record.age, sex=record.sex, site=record.site)
     target = record.attribution_target or record.predicted_class
-    return {
+    values = {
         "pick_id": str(record.id),
         "detail_image": output_file(side_by_side(image, heat, DEFAULT_OPACITY)),
         "detail": history.detail_markdown(record),
@@ -109,30 +135,67 @@ def _detail_values(record: PredictionRecord) -> Values:
             contributions_chart(record.metadata_contributions, target, metadata), "chart"
         ),
     }
+    record_files(service).add(record.id, values["detail_image"], values["detail_chart"])
+    return values
 
 
-def show_record(service: PredictionService, prediction_id_: Any) -> Values:
-    """One stored prediction: original and heatmap, details, probabilities, metadata chart."""
-    pid = prediction_id(prediction_id_)
+def _get(service: PredictionService, pid: int) -> PredictionRecord:
     with shown_as_errors("reading the history", "Cannot open this prediction"):
         record = service.get(pid)
     if record is None:
         raise gr.Error(
             f"No stored prediction has id {pid}.", title="Not found", print_exception=False
         )
-    return _detail_values(record)
+    return record
+
+
+def show_record(service: PredictionService, prediction_id: Any) -> Values:
+    """One stored prediction: original and heatmap, details, probabilities, metadata chart."""
+    return _detail_values(service, _get(service, parse_prediction_id(prediction_id)))
+
+
+def confirmation_form(service: PredictionService, prediction_id: Any) -> Values:
+    """The confirm form as stored for this prediction: its confirmed diagnosis, source and
+    note, or an empty form when it has none (never the values of the record shown before)."""
+    record = _get(service, parse_prediction_id(prediction_id))
+    return {
+        "confirm_dx": record.confirmed_dx,
+        "confirm_source": record.confirmed_source,
+        "confirm_note": record.confirmed_note or "",
+    }
+
+
+def _label_to_value(value: Any, choices: list[tuple[str, str]]) -> Any:
+    """A typed display label (``Melanoma (mel)``) as its code; anything else unchanged (the
+    service validates it)."""
+    text = str(value or "").strip().lower()
+    return next((code for label, code in choices if label.lower() == text), value)
+
+
+def _dx_choices() -> list[tuple[str, str]]:
+    return [(history.class_label(c), c) for c in confirmed_dx_choices()]
 
 
 def confirm_record(
-    service: PredictionService, prediction_id_: Any, dx: Any, source: Any, note: Any = None
+    service: PredictionService, prediction_id: Any, dx: Any, source: Any, note: Any = None
 ) -> Values:
-    """Record the confirmed diagnosis of a stored prediction; returns its refreshed detail."""
-    pid = prediction_id(prediction_id_)
+    """Record the confirmed diagnosis of a stored prediction; returns its refreshed detail.
+    An empty form is refused (it would otherwise keep or clear a value nobody chose)."""
+    pid = parse_prediction_id(prediction_id)
+    if not str(dx or "").strip() or not str(source or "").strip():
+        raise gr.Error(
+            "Choose the confirmed diagnosis and who confirmed it, then press Record.",
+            title="Nothing recorded",
+            print_exception=False,
+        )
     with shown_as_errors("recording the diagnosis", "Cannot record this diagnosis"):
-        service.confirm(pid, dx, source, note)
+        service.confirm(pid, _label_to_value(dx, _dx_choices()), source, note)
         record = service.get(pid)
-    assert record is not None
-    values = _detail_values(record)
+    if record is None:  # deleted meanwhile (another user)
+        raise gr.Error(
+            f"No stored prediction has id {pid}.", title="Not found", print_exception=False
+        )
+    values = _detail_values(service, record)
     values["status"] = (
         f"Prediction #{pid}: confirmed diagnosis **{history.class_label(str(record.confirmed_dx))}"
         f"** ({record.confirmed_source}) recorded."
@@ -140,11 +203,32 @@ def confirm_record(
     return values
 
 
-def delete_record(service: PredictionService, prediction_id_: Any) -> Values:
-    """Delete a stored prediction (image, heatmap, inputs, everything)."""
-    pid = prediction_id(prediction_id_)
-    with shown_as_errors("deleting the prediction", "Cannot delete this prediction"):
-        deleted = service.delete(pid)
+#: What deleting removes, word for word what :func:`delete_record` and the service do.
+DELETE_WHAT = (
+    "From the history database: the row with its stored image, heatmap and thumbnail, its "
+    "inputs (age, sex, body site), probabilities, confirmed diagnosis and note; their bytes "
+    "are overwritten in the database files too. From this server: the uploaded original, the "
+    "heatmap and chart images and case-report PDFs made for it, and the History CSV downloads "
+    "made so far. Not touched: files already downloaded to a computer, and backups."
+)
+
+
+def delete_question(prediction_id: Any) -> str:
+    """The confirmation dialog's text for one prediction."""
+    pid = str(prediction_id or "").strip().lstrip("#")
+    return f"**Delete prediction #{pid} for good?** {DELETE_WHAT} This cannot be undone."
+
+
+def delete_record(service: PredictionService, prediction_id: Any) -> Values:
+    """Delete a stored prediction (:data:`DELETE_WHAT`): the service removes the row and its
+    bytes, this app the files it wrote or received for it (:class:`app.ui.common.RecordFiles`).
+    """
+    pid = parse_prediction_id(prediction_id)
+    try:
+        with shown_as_errors("deleting the prediction", "Cannot delete this prediction"):
+            deleted = service.delete(pid)
+    finally:  # gone from the database (or never there): its files go as well
+        record_files(service).remove(pid)
     if not deleted:
         raise gr.Error(
             f"No stored prediction has id {pid}.", title="Not found", print_exception=False
@@ -159,22 +243,36 @@ def delete_record(service: PredictionService, prediction_id_: Any) -> Values:
     }
 
 
-def _history_listing() -> tuple[Components, gr.Button]:
+def _history_listing() -> tuple[Components, dict[str, gr.Button]]:
     ui: Components = {}
-    with gr.Row():
-        search_btn = gr.Button("Search", variant="primary")
-        ui["download"] = gr.DownloadButton("Download CSV", value=None, variant="secondary")
+    buttons: dict[str, gr.Button] = {}
+    with gr.Row(equal_height=True):
+        buttons["search"] = gr.Button("Search", variant="primary", scale=2)
+        ui["download"] = gr.DownloadButton("Download CSV", value=None, variant="secondary", scale=2)
     ui["summary"] = gr.Markdown(elem_id="history-summary")
     ui["table"] = gr.Dataframe(
         headers=views.HISTORY_TABLE_COLUMNS,
         datatype=views.HISTORY_TABLE_TYPES,
+        column_widths=views.HISTORY_TABLE_WIDTHS,
         interactive=False,
         label="Predictions (click anywhere in a row to open it)",
         elem_id="history-table",
-        max_height=460,
+        max_height=780,
         wrap=True,
     )
-    return ui, search_btn
+    with gr.Row(equal_height=True, elem_id="history-pages"):
+        buttons["newer"] = gr.Button("‹ Newer", size="sm", min_width=90)
+        ui["page"] = gr.Number(
+            value=1,
+            precision=0,
+            minimum=1,
+            label="Page (1 = newest)",
+            min_width=120,
+            elem_id="history-page",
+        )
+        buttons["older"] = gr.Button("Older ›", size="sm", min_width=90)
+    ui["shown_page"] = gr.State(1)
+    return ui, buttons
 
 
 def _history_detail() -> tuple[Components, gr.Button]:
@@ -185,6 +283,7 @@ def _history_detail() -> tuple[Components, gr.Button]:
         )
         show_btn = gr.Button("Show prediction", scale=1)
     ui["status"] = gr.Markdown(elem_id="history-status")
+    ui["shown_id"] = gr.State(None)  # the record the detail and form describe (see _shown_only)
     ui["detail_image"] = shown_image("Stored image and heatmap", None, "history-image", False)
     with gr.Row(equal_height=False):
         with gr.Column(min_width=300):
@@ -200,95 +299,202 @@ def _history_actions() -> tuple[Components, dict[str, gr.Button]]:
     buttons: dict[str, gr.Button] = {}
     with gr.Accordion("Record confirmed diagnosis", open=True, elem_id="confirm-box"):
         with gr.Row():
-            ui["confirm_dx"] = gr.Dropdown(
-                choices=[(history.class_label(c), c) for c in confirmed_dx_choices()],
-                label="Confirmed diagnosis",
-                value=None,
-                allow_custom_value=True,  # checked by the service, with a clear message
-                min_width=200,
-            )
-            ui["confirm_source"] = gr.Dropdown(
-                choices=list(CONFIRM_SOURCES),
-                label="Confirmed by",
-                value=None,
-                min_width=160,
-                allow_custom_value=True,
-            )
+            # checked by the service, with a clear message
+            ui["confirm_dx"] = choice_dropdown(_dx_choices(), None, "Confirmed diagnosis", 200)
+            ui["confirm_source"] = choice_dropdown(list(CONFIRM_SOURCES), None, "Confirmed by", 160)
         ui["confirm_note"] = gr.Textbox(label="Note (optional)", max_lines=2)
-        buttons["confirm"] = gr.Button("Record confirmed diagnosis", variant="primary")
-    with gr.Row():
-        buttons["report"] = gr.Button("Case report (PDF)")
-        buttons["delete"] = gr.Button("Delete this prediction…", variant="stop")
-    ui["report"] = gr.File(label="Case report", elem_id="history-report", visible=False)
-    with gr.Row(visible=False) as ui["delete_row"]:
-        gr.Markdown(
-            "**Delete this prediction for good?** Its image, heatmap and inputs are removed "
-            "from the history database. This cannot be undone."
+        buttons["confirm"] = gr.Button(
+            "Record confirmed diagnosis", variant="primary", interactive=False
         )
+    with gr.Row():
+        buttons["report"] = gr.Button("Case report (PDF)", interactive=False)
+        buttons["delete"] = gr.Button("Delete this prediction…", variant="stop", interactive=False)
+    ui["report"] = gr.File(label="Case report", elem_id="history-report", visible=False)
+    with gr.Row(visible=False, elem_id="delete-dialog") as ui["delete_row"]:
+        ui["delete_question"] = gr.Markdown(delete_question(""))
         buttons["delete_yes"] = gr.Button("Yes, delete it", variant="stop")
         buttons["delete_no"] = gr.Button("Cancel")
     return ui, buttons
 
 
+def _shown_only(callback: Callable) -> Callable:
+    """``callback(prediction_id, ...)`` refused unless ``prediction_id`` is the record the page
+    shows (its last input, a state the API does not see: API calls name their id themselves).
+    Typing another id clears the detail and disables the buttons already; this also covers an
+    id changed without a keystroke (pasted with the mouse, filled in by the browser)."""
+
+    def guarded(*inputs: Any) -> Any:
+        *values, shown = inputs
+        if shown is not None and parse_prediction_id(values[0]) != shown:
+            raise gr.Error(
+                f"The form shows prediction #{shown}, not #{str(values[0]).strip()}: press "
+                "Show prediction to open that one first.",
+                title="Open it first",
+                print_exception=False,
+            )
+        return callback(*values)
+
+    params = list(inspect.signature(callback).parameters.values())
+    shown = inspect.Parameter("shown", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+    guarded.__signature__ = inspect.Signature([*params, shown])  # type: ignore[attr-defined]
+    guarded.__name__ = callback.__name__
+    return guarded
+
+
 def build_history_ui(service: PredictionService, exports: Path) -> tuple[Components, Callable]:
-    """The History tab: filters, table, CSV download, one row's detail and its actions; the
-    ``/history``, ``/history_item``, ``/confirm``, ``/report`` and ``/delete`` endpoints.
-    Returns the components and the search handler (run when the tab is selected)."""
+    """The History tab: filters, table pages, CSV download, one row's detail and its actions;
+    the ``/history``, ``/history_item``, ``/confirm``, ``/report`` and ``/delete`` endpoints.
+    Returns the components and the search handler (run when the tab is selected).
+
+    The detail, the confirm form and the action buttons always describe one record: opening a
+    record (by id or by clicking a row) loads its stored confirmation, typing another id clears
+    them until that record is opened, and the buttons are disabled while nothing is open."""
     gr.Markdown(
         "Past predictions stored by this app, newest first. Filter, click a row (or type its "
         "id) to open it; record its confirmed diagnosis, download its case report or delete it."
     )
     filters = history_filters()
-    listing, search_btn = _history_listing()
+    listing, list_buttons = _history_listing()
     detail, show_btn = _history_detail()
     actions, buttons = _history_actions()
     ui = {**filters, **listing, **detail, **actions}
+    private: dict[str, Any] = {"api_visibility": "private"}
+
+    # --- the listing, a page at a time ---------------------------------------------------------
     search = bind(search_history, service, ui, exports)
-    filter_inputs = [filters[k] for k in HISTORY_INPUTS]
-    listing_outputs = [listing[k] for k in HISTORY_OUTPUTS]
-    search_btn.click(search, inputs=filter_inputs, outputs=listing_outputs, api_name="history")
+    search_inputs = [ui[k] for k in SEARCH_INPUTS]
+    search_outputs = [ui[k] for k in SEARCH_OUTPUTS]
+
+    def sync_page(shown: Any) -> dict[Any, Any]:
+        return {listing["page"]: shown}
+
+    def refresh(event: Any) -> Any:
+        return event.then(search, inputs=search_inputs, outputs=search_outputs, **private).then(
+            sync_page, inputs=listing["shown_page"], outputs=listing["page"], **private
+        )
+
+    list_buttons["search"].click(
+        lambda: {listing["page"]: 1}, outputs=listing["page"], queue=False, **private
+    ).then(search, inputs=search_inputs, outputs=search_outputs, api_name="history").then(
+        sync_page, inputs=listing["shown_page"], outputs=listing["page"], **private
+    )
+    listing["page"].submit(search, inputs=search_inputs, outputs=search_outputs, **private).then(
+        sync_page, inputs=listing["shown_page"], outputs=listing["page"], **private
+    )
+    for name, step in (("newer", -1), ("older", 1)):
+        refresh(
+            list_buttons[name].click(
+                lambda page, step=step: {listing["page"]: max(1, _page_number(page) + step)},
+                inputs=listing["page"],
+                outputs=listing["page"],
+                queue=False,
+                **private,
+            )
+        )
+
+    # --- one record: detail, form and actions together -------------------------------------------
     show = bind(show_record, service, ui)
     detail_outputs = [ui[k] for k in DETAIL_OUTPUTS]
     # the detail images stay hidden until a row is opened (no empty placeholders); visibility
-    # is changed by private follow-up events so the API returns plain values
+    # and the form are set by private follow-up events so the API returns plain values
     images = [ui["detail_image"], ui["detail_chart"]]
+    form = [ui["confirm_dx"], ui["confirm_source"], ui["confirm_note"]]
+    action_buttons = [buttons["confirm"], buttons["report"], buttons["delete"]]
+    hidden_dialog = {ui["delete_row"]: gr.Row(visible=False), ui["report"]: gr.File(visible=False)}
 
-    def reveal(shown: bool) -> Callable[[], dict[Any, Any]]:
-        return lambda: {c: gr.Image(visible=shown) for c in images}
+    def opened(prediction_id: Any) -> dict[Any, Any]:
+        values = confirmation_form(service, prediction_id)
+        return {
+            ui["shown_id"]: parse_prediction_id(prediction_id),
+            **{ui[k]: v for k, v in values.items()},
+            **{c: gr.Image(visible=True) for c in images},
+            **{b: gr.Button(interactive=True) for b in action_buttons},
+            **hidden_dialog,
+        }
 
-    show_btn.click(
-        show, inputs=detail["pick_id"], outputs=detail_outputs, api_name="history_item"
-    ).success(reveal(True), outputs=images, api_visibility="private")
-    detail["pick_id"].submit(
-        show, inputs=detail["pick_id"], outputs=detail_outputs, api_visibility="private"
-    ).success(reveal(True), outputs=images, api_visibility="private")
+    opened_outputs = [
+        ui["shown_id"],
+        *form,
+        *images,
+        *action_buttons,
+        ui["delete_row"],
+        ui["report"],
+    ]
+
+    def closed() -> dict[Any, Any]:
+        """Nothing open: no detail, an empty form, no actions."""
+        return {
+            ui["shown_id"]: None,
+            **{c: gr.Image(value=None, visible=False) for c in images},
+            ui["detail"]: "",
+            ui["detail_probabilities"]: "",
+            ui["confirm_dx"]: None,
+            ui["confirm_source"]: None,
+            ui["confirm_note"]: "",
+            **{b: gr.Button(interactive=False) for b in action_buttons},
+            **hidden_dialog,
+        }
+
+    closed_outputs = [
+        ui["shown_id"],
+        *images,
+        ui["detail"],
+        ui["detail_probabilities"],
+        *form,
+        *action_buttons,
+        ui["delete_row"],
+        ui["report"],
+    ]
+
+    def open_fresh(event: Any) -> None:
+        event.success(
+            lambda: {ui["status"]: ""}, outputs=ui["status"], queue=False, **private
+        ).success(opened, inputs=detail["pick_id"], outputs=opened_outputs, **private)
+
+    open_fresh(
+        show_btn.click(
+            show, inputs=detail["pick_id"], outputs=detail_outputs, api_name="history_item"
+        )
+    )
+    open_fresh(
+        detail["pick_id"].submit(show, inputs=detail["pick_id"], outputs=detail_outputs, **private)
+    )
+    # typing another id: what is shown no longer belongs to the id in the box
+    detail["pick_id"].input(
+        lambda: {**closed(), ui["status"]: ""},
+        outputs=[*closed_outputs, ui["status"]],
+        queue=False,
+        trigger_mode="always_last",
+        **private,
+    )
 
     def pick_row(evt: gr.SelectData) -> dict[Any, Any]:
         row = evt.row_value or []
         if len(row) < 2 or row[1] in (None, ""):
             raise gr.Error("That row has no prediction id.", print_exception=False)
-        return {**show(row[1]), ui["status"]: "", ui["delete_row"]: gr.Row(visible=False)}
+        return show(row[1])
 
-    listing["table"].select(
-        pick_row,
-        outputs=[*detail_outputs, ui["status"], ui["delete_row"]],
-        api_visibility="private",
-    ).success(reveal(True), outputs=images, api_visibility="private")
-    buttons["confirm"].click(
-        bind(confirm_record, service, ui),
-        inputs=[ui[k] for k in CONFIRM_INPUTS],
-        outputs=[ui[k] for k in CONFIRM_OUTPUTS],
-        api_name="confirm",
-        api_description="Record the confirmed diagnosis of a stored prediction: id, diagnosis "
-        f"({', '.join(confirmed_dx_choices())}), source ({', '.join(CONFIRM_SOURCES)}), note.",
-    ).success(reveal(True), outputs=images, api_visibility="private").then(
-        search, inputs=filter_inputs, outputs=listing_outputs, api_visibility="private"
+    open_fresh(listing["table"].select(pick_row, outputs=detail_outputs, **private))
+
+    # --- actions ---------------------------------------------------------------------------------
+    refresh(
+        buttons["confirm"]
+        .click(
+            _shown_only(bind(confirm_record, service, ui)),
+            inputs=[*(ui[k] for k in CONFIRM_INPUTS), ui["shown_id"]],
+            outputs=[ui[k] for k in CONFIRM_OUTPUTS],
+            api_name="confirm",
+            api_description="Record the confirmed diagnosis of a stored prediction: id, "
+            f"diagnosis ({', '.join(confirmed_dx_choices())}), source "
+            f"({', '.join(CONFIRM_SOURCES)}), note.",
+        )
+        .success(opened, inputs=detail["pick_id"], outputs=opened_outputs, **private)
     )
     # /report returns the PDF through a hidden file; the visible one appears once there is one
     report_file = gr.File(visible=False)
     buttons["report"].click(
-        bind(case_report, service, {"report": report_file}, exports),
-        inputs=detail["pick_id"],
+        _shown_only(bind(case_report, service, {"report": report_file}, exports)),
+        inputs=[detail["pick_id"], ui["shown_id"]],
         outputs=report_file,
         api_name="report",
         api_description="A one-page PDF case report of a stored prediction (by id).",
@@ -296,32 +502,33 @@ def build_history_ui(service: PredictionService, exports: Path) -> tuple[Compone
         lambda path: {actions["report"]: gr.File(value=path, visible=True)},
         inputs=report_file,
         outputs=actions["report"],
-        api_visibility="private",
+        **private,
     )
     buttons["delete"].click(
-        lambda pid: {ui["delete_row"]: gr.Row(visible=bool(str(pid or "").strip()))},
+        lambda pid: {
+            ui["delete_row"]: gr.Row(visible=bool(str(pid or "").strip())),
+            ui["delete_question"]: delete_question(pid),
+        },
         inputs=detail["pick_id"],
-        outputs=ui["delete_row"],
-        api_visibility="private",
+        outputs=[ui["delete_row"], ui["delete_question"]],
+        queue=False,
+        **private,
     )
     buttons["delete_no"].click(
         lambda: {ui["delete_row"]: gr.Row(visible=False)},
         outputs=ui["delete_row"],
-        api_visibility="private",
+        queue=False,
+        **private,
     )
-    buttons["delete_yes"].click(
-        bind(delete_record, service, ui),
-        inputs=detail["pick_id"],
-        outputs=[ui[k] for k in DELETE_OUTPUTS],
-        api_name="delete",
-        api_description="Delete a stored prediction (by id) from the history database.",
-    ).then(
-        lambda: {
-            ui["delete_row"]: gr.Row(visible=False),
-            actions["report"]: gr.File(value=None, visible=False),
-            **{c: gr.Image(visible=False) for c in images},
-        },
-        outputs=[ui["delete_row"], actions["report"], *images],
-        api_visibility="private",
-    ).then(search, inputs=filter_inputs, outputs=listing_outputs, api_visibility="private")
+    refresh(
+        buttons["delete_yes"]
+        .click(
+            _shown_only(bind(delete_record, service, ui)),
+            inputs=[detail["pick_id"], ui["shown_id"]],
+            outputs=[ui[k] for k in DELETE_OUTPUTS],
+            api_name="delete",
+            api_description="Delete a stored prediction (by id): " + DELETE_WHAT,
+        )
+        .success(closed, outputs=closed_outputs, **private)
+    )
     return ui, search
