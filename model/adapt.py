@@ -514,7 +514,7 @@ def tune_all(
 
 def _frame(cache: Cache, probs: np.ndarray, source: str) -> pd.DataFrame:
     """A ``predictions.csv``-shaped frame (what :func:`model.compare.compare_predictions` reads)."""
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "source": source,
             "image_id": cache.image_ids,
@@ -523,6 +523,8 @@ def _frame(cache: Cache, probs: np.ndarray, source: str) -> pd.DataFrame:
             **{f"p_{c}": probs[:, i] for i, c in enumerate(cache.classes.codes)},
         }
     )
+    frame.attrs["classes"] = cache.classes
+    return frame
 
 
 def before_after(
@@ -536,11 +538,9 @@ def before_after(
         lesions = np.asarray(cache.lesion_ids)
         b_int = set_intervals(cache.labels, before, lesions, n_boot, classes=cache.classes)
         a_int = set_intervals(cache.labels, after, lesions, n_boot, classes=cache.classes)
-        rows = []
-        if cache.classes.codes == HAM7.codes:  # model.compare's paired draws read HAM7 columns
-            rows = compare_predictions(
-                _frame(cache, before, name), _frame(cache, after, name), n_boot=n_boot
-            )
+        rows = compare_predictions(
+            _frame(cache, before, name), _frame(cache, after, name), n_boot=n_boot
+        )
         gain = {
             r.metric: {
                 "value": _finite(r.diff),
@@ -550,9 +550,6 @@ def before_after(
             }
             for r in rows
             if r.metric in SHOWN
-        } or {
-            m: {"value": _diff(a_int[m]["value"], b_int[m]["value"]), "low": None, "high": None}
-            for m in SHOWN
         }
         out[name] = {
             "n": len(cache),
@@ -561,10 +558,6 @@ def before_after(
             "gain": gain,
         }
     return out
-
-
-def _diff(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a - b
 
 
 def _finite(x: float) -> float | None:

@@ -206,3 +206,34 @@ def test_an_existing_run_is_refused(data, capsys):
     out.mkdir()
     assert _adapt(data, out) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_adapting_keeps_the_parents_class_set(data, tmp_path):
+    from data_pipeline.schema import ClassSet
+
+    classes = ClassSet.build(("cnv", "anv", "mel"), {"mel": "Melanoma"}, {"mel"})
+    folder = renamed_copy(data["clinic"], tmp_path / "ph2like", "P")
+    df = pd.read_csv(folder / "HAM10000_metadata.csv")
+    df["dx"] = [classes.codes[i % 3] for i in range(len(df))]
+    df.to_csv(folder / "HAM10000_metadata.csv", index=False)
+    mcfg = ModelConfig(use_metadata=True, num_classes=3)
+    parent = tmp_path / "parent3"
+    save_checkpoint(
+        FusionNet(mcfg).eval(),
+        CheckpointConfig(
+            name="tiny3",
+            model=mcfg,
+            preprocessing=Preprocessing(height=64, width=64),
+            classes=classes,
+        ),
+        parent,
+    )
+    out = tmp_path / "run3"
+    argv = [str(folder), "--from", str(parent), "--ham-dir", "none", "--out", str(out)]
+    argv += ["--epochs", "1", "--epoch-samples", "32", "--n-boot", "20", "--threads", "1"]
+    assert run_cli(main, argv) == 0
+    _, cfg = load_checkpoint(out)
+    assert cfg.classes == classes
+    assert set(cfg.training["train_class_counts"]) == set(classes.codes)
+    block = cfg.metrics["adapt"]["sets"]["ph2like-test"]
+    assert block["gain"]["balanced_accuracy"]["low"] is not None
