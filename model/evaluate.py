@@ -24,7 +24,7 @@ from common.plotting import pyplot
 from data_pipeline.ham10000 import load_metadata
 from data_pipeline.schema import ClassSet
 from data_pipeline.sources import source_name
-from data_pipeline.splits import REPO_ROOT, SPLITS, attach_splits, file_sha256, load_splits
+from data_pipeline.splits import REPO_ROOT, select_split
 from model.bootstrap import LEVEL, bootstrap_intervals, check_n_boot
 from model.calibration import softmax
 from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
@@ -32,6 +32,7 @@ from model.engine import collect_outputs, eval_loader
 from model.metrics import compute_metrics, reliability_bins
 from model.onnx_runtime import OnnxEngine
 from model.ood import FeatureDistance, flag_rates
+from model.subgroups import group_columns, parse_by, plot_subgroups, subgroup_report
 
 
 def split_file_for(cfg: CheckpointConfig, override: Path | None = None) -> Path:
@@ -52,26 +53,31 @@ def split_file_for(cfg: CheckpointConfig, override: Path | None = None) -> Path:
 
 
 def select_rows(
-    df: pd.DataFrame, cfg: CheckpointConfig, split: str, splits_path: Path | None
+    df: pd.DataFrame, cfg: CheckpointConfig, split: str | None, splits_path: Path | None
 ) -> tuple[pd.DataFrame, dict]:
-    if split == "all":
-        return df, {"split": "all"}
-    if split not in SPLITS:
-        raise DataError(f"Unknown split {split!r}: use one of {', '.join(SPLITS)} or all.")
-    path = split_file_for(cfg, splits_path)
-    digest = file_sha256(path)
-    expected = cfg.training.get("split_sha256")
-    info = {"split": split, "split_file": str(path), "split_sha256": digest}
-    if expected and digest != expected:
-        info["warning"] = "split file differs from the one the checkpoint was trained with"
-    df = attach_splits(df, load_splits(path))
-    return df[df["split"] == split], info
+    """Rows of ``split`` (None: the test part when the folder has a split — its own ``split``
+    column or the checkpoint's split file covering it — else the whole folder); see
+    :func:`data_pipeline.splits.select_split`."""
+    path = splits_path
+    if path is None and split != "all" and "split" not in df.columns:
+        try:
+            path = split_file_for(cfg)
+        except DataError:
+            if split is not None:
+                raise
+    return select_split(
+        df,
+        split,
+        path,
+        explicit=splits_path is not None,
+        expected_sha=cfg.training.get("split_sha256"),
+    )
 
 
 def _rows(
     data_dir: Path | str,
     cfg: CheckpointConfig,
-    split: str,
+    split: str | None,
     splits_path: Path | None,
     external: Sequence[Path | str],
 ) -> tuple[pd.DataFrame, dict]:
@@ -83,7 +89,7 @@ def _rows(
     ]
     rows = pd.concat(frames, ignore_index=True)
     if rows.empty:
-        raise DataError(f"No rows in split {split!r} of {data_dir}.")
+        raise DataError(f"No rows in split {info['split']!r} of {data_dir}.")
     return rows, info
 
 
@@ -108,7 +114,7 @@ def evaluate(
     data_dir: Path | str,
     checkpoint: Path | str | None = None,
     out: Path | str | None = None,
-    split: str = "test",
+    split: str | None = None,
     tta: bool = False,
     splits_path: Path | None = None,
     batch_size: int = 64,
@@ -119,6 +125,7 @@ def evaluate(
     geometry: str | None = None,
     runtime: str | None = None,
     bootstrap: int = 1000,
+    by: Sequence[str] = (),
 ) -> dict:
     """Score ``checkpoint`` (None → shipped model); writes files to ``out`` when given.
 
@@ -127,7 +134,10 @@ def evaluate(
     torch; None reads ``$DERMFUSION_RUNTIME``. ``bootstrap`` draws of whole lesions (0: none) give
     95 % intervals of the headline metrics per source under ``intervals``: on a
     test set of 15 dermatofibromas one image moves balanced accuracy by about 0.01, and a reader
-    of the figures should see how far they can move by chance."""
+    of the figures should see how far they can move by chance. ``by``: subgroup keys
+    (:data:`model.subgroups.KEYS`) audited under ``subgroups`` (:mod:`model.subgroups`)."""
+    check_out(out)
+    by = parse_by(by) if by else ()
     if bootstrap:
         check_n_boot(bootstrap)
     folder = resolve_dir(checkpoint)
@@ -160,6 +170,11 @@ def evaluate(
             for name in dict.fromkeys(src)
         }
     predictions = _predictions_frame(df, labels, probs, distance, cfg.classes)
+    if by:
+        groups = group_columns(df, by, progress)
+        new = [c for c in groups.columns if c not in predictions.columns]
+        predictions = pd.concat([predictions, groups[new].reset_index(drop=True)], axis=1)
+        metrics["subgroups"] = subgroup_report(predictions, by, bootstrap, classes=cfg.classes)
     if bootstrap:
         metrics["intervals"] = {
             "n_boot": bootstrap,
@@ -220,6 +235,14 @@ def _write(
     plot_confusion(metrics, out / "confusion_matrix.png")
     plot_roc(labels, probs, out / "roc.png", classes)
     plot_reliability(labels, probs, out / "reliability.png")
+    if "subgroups" in metrics:
+        plot_subgroups(metrics["subgroups"], out / "subgroups.png")
+
+
+def check_out(out: Path | str | None) -> None:
+    """Refuse an output path that is an existing file before any work is done."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise DataError(f"--out {out} is an existing file; give a folder for metrics.json.")
 
 
 def plot_confusion(metrics: dict, path: Path) -> None:
