@@ -190,6 +190,7 @@ def test_predictor_serves_and_history_stores_its_classes(ph2_run, tmp_path: Path
     from model.predictor import Predictor
     from service import history
     from service.prediction import PredictionService
+    from service.report import case_report
 
     data, run = ph2_run
     predictor = Predictor.from_checkpoint(run)
@@ -219,6 +220,8 @@ def test_predictor_serves_and_history_stores_its_classes(ph2_run, tmp_path: Path
         a = service.agreement()
         assert a.classes == PH2.codes and a.n_confirmed == 1 and a.support["anv"] == 1
         assert row_classes(row.probabilities, row.model_version) == PH2
+        svg = case_report(row, fmt="svg").decode()
+        assert all(f"{PH2.name(c)} ({c})" in svg for c in PH2) and "Nevus (nv)" not in svg
     finally:
         service.close()
 
