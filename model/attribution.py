@@ -16,7 +16,6 @@ unknown site". Only the small fusion head is re-run, on cached image features, s
 
 from __future__ import annotations
 
-import functools
 from typing import Any, cast
 
 import numpy as np
@@ -24,6 +23,8 @@ import torch
 from captum.attr import FeatureAblation, LayerAttribution, LayerGradCam
 
 from data_pipeline.schema import FIELD_SLICES, FIELDS, META_DIM, UNKNOWN_VECTOR
+from model.heatmap import cam_from_maps, normalise
+from model.heatmap import resize_heatmap as resize_heatmap
 from model.network import FusionNet, Network
 
 
@@ -67,40 +68,16 @@ def gradcam_from_maps(
     backward pass. Valid only where :func:`model.onnx_runtime.supports_linear_cam` holds; a test
     checks it against Captum on the shipped model.
 
-    Computed in NumPy (a few microseconds): the members' maps are summed on the small grid and
-    upsampled once with PyTorch's bilinear weights (``align_corners=False``), which equals
-    upsampling each and summing, since the upsampling is linear.
+    Computed in NumPy (a few microseconds) by :func:`model.heatmap.cam_from_maps`, from each
+    member's classifier row for ``target`` and its weight in that logit.
     """
-    maps = feature_maps[0].detach().float().cpu().numpy()
-    total = np.zeros(maps.shape[1:], dtype=np.float32)
-    start = 0
-    for (module, _), scale in zip(model.cam_targets, _member_scales(model, target), strict=True):
+    weights = []
+    for module, _ in model.cam_targets:
         net = cast(FusionNet, module)
         channels = int(cast(Any, net.backbone).num_features)
-        w = net.classifier.weight.detach()[target, :channels].float().cpu().numpy()
-        a = maps[start : start + channels]
-        start += channels
-        alpha = w / float(a.shape[-2] * a.shape[-1])
-        total += scale * np.maximum(np.tensordot(alpha, a, axes=1), 0.0)
-    if start != maps.shape[0]:
-        raise ValueError(f"feature maps have {maps.shape[0]} channels, expected {start}")
-    grid_h, grid_w = int(maps.shape[-2]), int(maps.shape[-1])
-    heat = _bilinear(grid_h, size[0]) @ total @ _bilinear(grid_w, size[1]).T
-    return _normalise(heat)
-
-
-@functools.lru_cache(maxsize=16)
-def _bilinear(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) matrix of PyTorch's bilinear upsampling weights (``align_corners=False``)."""
-    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = (src - i0).astype(np.float32)
-    m = np.zeros((n_out, n_in), dtype=np.float32)
-    rows = np.arange(n_out)
-    np.add.at(m, (rows, i0), 1.0 - frac)
-    np.add.at(m, (rows, i1), frac)
-    return m
+        weights.append(net.classifier.weight.detach()[target, :channels].float().cpu().numpy())
+    maps = feature_maps[0].detach().float().cpu().numpy()
+    return cam_from_maps(maps, weights, _member_scales(model, target), size)
 
 
 def _combine(maps: list[torch.Tensor], size: tuple[int, int]) -> np.ndarray:
@@ -109,14 +86,7 @@ def _combine(maps: list[torch.Tensor], size: tuple[int, int]) -> np.ndarray:
     for attr in maps:
         up = LayerAttribution.interpolate(attr, size, interpolate_mode="bilinear")
         heat += up[0, 0].float().cpu().numpy()
-    return _normalise(heat)
-
-
-def _normalise(heat: np.ndarray) -> np.ndarray:
-    """ReLU, then scale to [0, 1] by the peak (all zeros stay zeros)."""
-    heat = np.maximum(heat, 0.0)
-    peak = float(heat.max())
-    return (heat / peak).astype(np.float32) if peak > 0 else np.zeros_like(heat, dtype=np.float32)
+    return normalise(heat)
 
 
 def _field_mask() -> torch.Tensor:
@@ -160,16 +130,3 @@ def metadata_contributions(
         f: bool(torch.equal(meta[0, FIELD_SLICES[f]], baseline[0, FIELD_SLICES[f]])) for f in FIELDS
     }
     return {f: 0.0 if same[f] else float(attr[0, FIELD_SLICES[f].start]) for f in FIELDS}
-
-
-def resize_heatmap(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resize a [0, 1] heatmap from the model's input grid to ``shape`` (H, W) in one step.
-
-    Every displayed or stored heatmap is made from the Grad-CAM grid by this one call, never by
-    resizing an already resized map."""
-    import cv2
-
-    h, w = shape
-    if heat.shape[:2] == (h, w):
-        return heat.astype(np.float32, copy=False)
-    return np.clip(cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)

@@ -15,16 +15,18 @@ import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from common.errors import DermError
 from common.version import __version__
+from data_pipeline.preprocessing import Preprocessing
 from data_pipeline.schema import HAM7, ClassSet, check_vocabulary, vocabulary
-from data_pipeline.transforms import Preprocessing
-from model.network import ModelConfig, Network, build_network
+from model.architecture import ModelConfig
+
+if TYPE_CHECKING:  # PyTorch only where weights are saved or loaded: serving reads configs without
+    import torch
+
+    from model.network import Network
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -139,6 +141,8 @@ def save_checkpoint(
     ``dtype`` (e.g. ``torch.float16``) stores floating tensors at lower precision to keep a shipped
     ensemble small; loading casts back to float32. Round the model with :func:`round_weights`
     *before* measuring it, so stored metrics describe exactly the stored weights."""
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: _cast(v.detach().cpu(), dtype).contiguous() for k, v in model.state_dict().items()}
@@ -156,13 +160,15 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
-@torch.no_grad()
 def round_weights(model: Network, dtype: torch.dtype) -> Network:
     """Round floating weights/buffers through ``dtype`` in place (what saving at ``dtype`` and
     loading back would give)."""
-    for t in model.state_dict().values():
-        if t.is_floating_point():
-            t.copy_(t.to(dtype))
+    import torch
+
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.to(dtype))
     return model
 
 
@@ -193,6 +199,10 @@ def load_checkpoint(
     path: Path | str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[Network, CheckpointConfig]:
     """Rebuild the network from its config and load the weights; returns (model.eval(), cfg)."""
+    from safetensors.torch import load_file
+
+    from model.network import build_network
+
     folder = resolve_dir(path)
     cfg = load_config(folder)
     model = build_network(cfg.model, pretrained=False)

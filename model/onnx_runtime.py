@@ -27,6 +27,10 @@ exported from. On load a missing runtime, a missing file, or a mismatch of eithe
 export is not used: with ``runtime="auto"`` the predictor falls back to PyTorch and says why on
 stderr; with ``runtime="onnx"`` it refuses with a :class:`CheckpointError`. A stale export can
 therefore never serve predictions from other weights than the checkpoint's.
+
+**Imports.** PyTorch is imported only by what needs it (the export, :meth:`OnnxEngine.run`'s
+tensors): a serving process runs :meth:`OnnxEngine.run_arrays` on NumPy arrays and verifies the
+export with :func:`onnx_status` without it (:mod:`model.lean`).
 """
 
 from __future__ import annotations
@@ -39,11 +43,9 @@ import warnings
 from collections.abc import Sequence
 from copy import deepcopy
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
-from torch import nn
 
 from model.checkpoint import (
     INT8_FILE,
@@ -53,7 +55,12 @@ from model.checkpoint import (
     load_checkpoint,
     write_config,
 )
-from model.network import FusionEnsemble, FusionNet, Network
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from model.network import FusionNet, Network
 
 OPSET = 17
 INPUTS = ("image", "meta")
@@ -73,6 +80,8 @@ RUNTIME_HELP = (
 
 def members(model: Network) -> list[FusionNet]:
     """The single networks of ``model`` (one for a FusionNet, N for an ensemble)."""
+    from model.network import FusionEnsemble
+
     return model.nets if isinstance(model, FusionEnsemble) else [model]
 
 
@@ -80,6 +89,8 @@ def supports_linear_cam(model: Network) -> bool:
     """True when each member's Grad-CAM layer output goes straight into a global average pool
     and from there, through concatenation and (eval-mode) dropout, into the linear classifier —
     the case where Grad-CAM has a closed form in the feature maps (timm EfficientNets)."""
+    from torch import nn
+
     for net in members(model):
         backbone: Any = net.backbone
         pool = getattr(backbone, "global_pool", None)
@@ -94,29 +105,35 @@ def supports_linear_cam(model: Network) -> bool:
     return True
 
 
-class _Exportable(nn.Module):
-    """``model`` as one graph: (image, meta) → logits, pooled features[, feature maps]."""
+def _exportable(model: Network) -> nn.Module:
+    """``model`` as one graph: (image, meta) → logits, pooled features[, feature maps]
+    (``.with_maps`` says whether the maps are an output)."""
+    import torch
+    from torch import nn
 
-    def __init__(self, model: Network) -> None:
-        super().__init__()
-        self.model = model
-        self.with_maps = supports_linear_cam(model)
+    class Exportable(nn.Module):
+        def __init__(self, model: Network) -> None:
+            super().__init__()
+            self.model = model
+            self.with_maps = supports_linear_cam(model)
 
-    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if not self.with_maps:
-            features = self.model.image_features(image)
-            return self.model.head(features, meta), features
-        maps, pooled = [], []
-        for net in members(self.model):
-            backbone: Any = net.backbone
-            a = backbone.forward_features(image)  # ends in bn2 = net.last_conv
-            maps.append(a)
-            pooled.append(backbone.forward_head(a))
-        features = torch.cat(pooled, dim=1)
-        return self.model.head(features, meta), features, torch.cat(maps, dim=1)
+        def forward(self, image: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            if not self.with_maps:
+                features = self.model.image_features(image)
+                return self.model.head(features, meta), features
+            maps, pooled = [], []
+            for net in members(self.model):
+                backbone: Any = net.backbone
+                a = backbone.forward_features(image)  # ends in bn2 = net.last_conv
+                maps.append(a)
+                pooled.append(backbone.forward_head(a))
+            features = torch.cat(pooled, dim=1)
+            return self.model.head(features, meta), features, torch.cat(maps, dim=1)
+
+    return Exportable(model)
 
 
-E = TypeVar("E", bound=nn.Module)
+E = TypeVar("E", bound="nn.Module")
 
 
 def static_same_padding(module: E, example: tuple[torch.Tensor, ...]) -> E:
@@ -128,6 +145,7 @@ def static_same_padding(module: E, example: tuple[torch.Tensor, ...]) -> E:
     The model's input size is fixed by its preprocessing, so timm's ``Conv2dSameExport`` (the
     same weights, padding computed once from ``example``) gives the same outputs bit for bit
     with a static graph."""
+    import torch
     from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 
     copy = deepcopy(module)
@@ -160,14 +178,16 @@ def export_onnx(
 ) -> Path:
     """Export the checkpoint in ``folder`` to ``folder/model.onnx`` and record its hash in
     ``config.json``. ``model`` / ``cfg`` skip reloading when the caller has them (as saved)."""
+    import torch
+
     folder = Path(folder)
     if model is None or cfg is None:
         model, cfg = load_checkpoint(folder)
     model = model.cpu().eval()
     pre = cfg.preprocessing
     example = (torch.zeros(1, 3, pre.height, pre.width), torch.zeros(1, cfg.model.meta_dim))
-    wrapper = static_same_padding(_Exportable(model).eval(), example)
-    names = list(OUTPUTS if wrapper.with_maps else OUTPUTS[:2])
+    wrapper = static_same_padding(_exportable(model).eval(), example)
+    names = list(OUTPUTS if getattr(wrapper, "with_maps", False) else OUTPUTS[:2])
     batch = {0: "batch"}
     with tempfile.TemporaryDirectory(prefix="dermfusion-onnx-") as tmp:
         raw = Path(tmp) / "raw.onnx"
@@ -322,16 +342,26 @@ class OnnxEngine:
         path = Path(folder) / (INT8_FILE if int8 else ONNX_FILE)
         return cls(path, threads=threads, name="int8" if int8 else "onnx")
 
+    def run_arrays(
+        self, image: np.ndarray, meta: np.ndarray, outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Outputs by name (:data:`OUTPUTS`; ``outputs`` picks some) from float32 NumPy
+        batches, as NumPy arrays: the torch-free path (:mod:`model.lean`)."""
+        feed = {"image": np.ascontiguousarray(image, dtype=np.float32)}
+        if "meta" in self.inputs:
+            feed["meta"] = np.ascontiguousarray(meta, dtype=np.float32)
+        names = list(outputs) if outputs is not None else self.outputs
+        values = self.session.run(names, feed)
+        return dict(zip(names, values, strict=True))
+
     def run(
         self, image: torch.Tensor, meta: torch.Tensor, outputs: Sequence[str] | None = None
     ) -> dict[str, torch.Tensor]:
-        """Outputs by name (:data:`OUTPUTS`; ``outputs`` picks some), as float32 CPU tensors."""
-        feed = {"image": _numpy(image)}
-        if "meta" in self.inputs:
-            feed["meta"] = _numpy(meta)
-        names = list(outputs) if outputs is not None else self.outputs
-        values = self.session.run(names, feed)
-        return {name: torch.from_numpy(v) for name, v in zip(names, values, strict=True)}
+        """:meth:`run_arrays` on tensors, returning float32 CPU tensors."""
+        import torch
+
+        out = self.run_arrays(_numpy(image), _numpy(meta), outputs)
+        return {name: torch.from_numpy(v) for name, v in out.items()}
 
     def logits_and_features(
         self, image: torch.Tensor, meta: torch.Tensor

@@ -17,10 +17,12 @@ Stored in the checkpoint as ``ood.safetensors`` (the normalised validation featu
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:  # PyTorch on use only: the serving constants and the NumPy detector need none
+    import torch
 
 OOD_FILE = "ood.safetensors"
 PERCENTILE = 99.0
@@ -48,11 +50,15 @@ class FeatureDistance:
     """Cosine distance to the k-th nearest validation image in pooled-feature space."""
 
     def __init__(self, bank: torch.Tensor, threshold: float, k: int = K) -> None:
+        import torch
+
         self.bank = torch.nn.functional.normalize(bank.float(), dim=1)
         self.threshold = float(threshold)
         self.k = int(k)
 
     def distance(self, features: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
+        import torch
+
         f = torch.nn.functional.normalize(features.float(), dim=1)
         sim = f @ self.bank.T
         if exclude_self:
@@ -61,10 +67,14 @@ class FeatureDistance:
         return 1.0 - sim.topk(k, dim=1).values[:, -1]
 
     def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
         save_file({"bank": self.bank.half().contiguous()}, str(Path(folder) / OOD_FILE))
 
     @classmethod
     def load(cls, folder: Path, threshold: float, k: int = K) -> FeatureDistance:
+        from safetensors.torch import load_file
+
         return cls(load_file(str(Path(folder) / OOD_FILE))["bank"], threshold, k)
 
     @classmethod

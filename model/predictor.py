@@ -17,27 +17,24 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from common.errors import MetadataError
 from data_pipeline.images import ImageSource
+from data_pipeline.preprocessing import model_view
 from data_pipeline.request import PredictionRequest
 from data_pipeline.schema import HAM7, ClassSet, Metadata, remember_classes
-from data_pipeline.transforms import ImageTransform, model_view
-from model.attribution import (
-    gradcam,
-    gradcam_from_maps,
-    metadata_contributions,
-    resize_heatmap,
-)
 from model.checkpoint import CheckpointConfig, load_checkpoint, resolve_dir
-from model.engine import TTA_VIEWS, tta_logits
-from model.network import Network
+from model.heatmap import resize_heatmap
 from model.onnx_runtime import OnnxEngine, supports_linear_cam
 from model.ood import LOW_CONFIDENCE, FeatureDistance
+
+if TYPE_CHECKING:  # PyTorch is imported when a Predictor is built: Prediction and the constants
+    import torch  # are read by serving code that runs without it (model.lean)
+
+    from model.network import Network
 
 #: Below this calibrated top-class probability a prediction is flagged as low confidence.
 #: A malignant class with at least this probability is flagged, even when it is not the top one.
@@ -118,6 +115,10 @@ class Predictor:
         device: str = "cpu",
         engine: OnnxEngine | None = None,
     ) -> None:
+        import torch
+
+        from data_pipeline.transforms import ImageTransform
+
         self.model = model.eval()
         self.config = config
         self.folder = folder
@@ -146,6 +147,8 @@ class Predictor:
         """``path`` None → the shipped model. ``runtime``: ``auto`` (ONNX Runtime when possible,
         else PyTorch), ``onnx`` (refuse without a valid export) or ``torch``; None reads
         ``$DERMFUSION_RUNTIME`` (default auto). ``threads``: ONNX Runtime threads per call."""
+        import torch
+
         folder = resolve_dir(path)
         model, cfg = load_checkpoint(folder, device=device)
         engine = None
@@ -200,12 +203,20 @@ class Predictor:
         with self._torch_lock:
             return self._predict(request, explain, tta)
 
-    def _predict(self, request: PredictionRequest, explain: bool, tta: bool) -> Prediction:
+    def _check_target(self, request: PredictionRequest) -> None:
         if request.target is not None and request.target not in self.classes:
             raise MetadataError(
                 f"Unknown explanation target {request.target!r}: this model predicts "
                 f"{', '.join(self.classes.codes)}."
             )
+
+    def _predict(self, request: PredictionRequest, explain: bool, tta: bool) -> Prediction:
+        import torch
+
+        from model.attribution import gradcam, gradcam_from_maps, metadata_contributions
+        from model.engine import TTA_VIEWS, tta_logits
+
+        self._check_target(request)
         t0 = time.perf_counter()
         rgb, x = self.preprocess(request.rgb)
         m = torch.as_tensor(request.metadata.encode(), device=self.device)[None]
@@ -225,13 +236,7 @@ class Predictor:
                     tta_logits(self.model, x, m, features) if tta else self.model.head(features, m)
                 )
             probs = torch.softmax(logits / temperature, dim=1)[0].cpu().numpy()
-        pred = Prediction(
-            probabilities={c: float(p) for c, p in zip(self.classes, probs, strict=True)},
-            metadata=request.metadata,
-            model_version=self.version,
-            image=rgb,
-            classes=self.classes,
-        )
+        pred = self._new_prediction(request, probs, rgb)
         self._check_reliability(pred, features)
         if explain:
             tgt = self.classes.index(request.target) if request.target else int(np.argmax(probs))
@@ -248,15 +253,36 @@ class Predictor:
         pred.latency_ms = (time.perf_counter() - t0) * 1000.0
         return pred
 
+    def _new_prediction(
+        self, request: PredictionRequest, probs: np.ndarray, rgb: np.ndarray
+    ) -> Prediction:
+        """The prediction for ``request`` from its calibrated ``probs`` (the model's class order)
+        and the RGB view the model saw."""
+        return Prediction(
+            probabilities={c: float(p) for c, p in zip(self.classes, probs, strict=True)},
+            metadata=request.metadata,
+            model_version=self.version,
+            image=rgb,
+            classes=self.classes,
+        )
+
     def _check_reliability(self, pred: Prediction, features: torch.Tensor) -> None:
         """Append the out-of-distribution and low-confidence warnings."""
-        if self.ood is not None:
-            pred.ood_distance = float(self.ood.distance(features.cpu())[0])
-            pred.ood_threshold = self.ood.threshold
-            if pred.ood_distance > self.ood.threshold:
+        if self.ood is None:
+            self._warn(pred, None, None)
+        else:
+            self._warn(pred, float(self.ood.distance(features.cpu())[0]), self.ood.threshold)
+
+    def _warn(self, pred: Prediction, distance: float | None, threshold: float | None) -> None:
+        """Record the OOD distance (None: no detector) and append the warnings it and the top
+        probability call for."""
+        if distance is not None and threshold is not None:
+            pred.ood_distance = distance
+            pred.ood_threshold = threshold
+            if pred.ood_distance > threshold:
                 pred.warnings.append(
                     "Unreliable: this image is unlike the dermoscopy images the model was trained "
-                    f"on (feature distance {pred.ood_distance:.3f} > {self.ood.threshold:.3f}"
+                    f"on (feature distance {pred.ood_distance:.3f} > {threshold:.3f}"
                     f"{self._ood_threshold_meaning()})."
                 )
         if pred.top_probability < LOW_CONFIDENCE:

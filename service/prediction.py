@@ -31,7 +31,8 @@ from db.queries import (
     thumbnails,
 )
 from db.session import Database, error_reason
-from model.attribution import resize_heatmap
+from model.heatmap import resize_heatmap
+from model.lean import load_predictor
 from model.predictor import Prediction, Predictor
 from service.agreement import Agreement, agreement_for
 from service.history import delete_record
@@ -88,8 +89,9 @@ class PredictionService:
     ) -> PredictionService:
         """Load the checkpoint (None → shipped model) and open / migrate the database
         (``db_url`` None → ``$SKIN_DB_URL`` or ``sqlite:///predictions.db``); ``runtime``:
-        see :meth:`Predictor.from_checkpoint`."""
-        predictor = Predictor.from_checkpoint(checkpoint, runtime=runtime)
+        see :meth:`Predictor.from_checkpoint`. Serving without PyTorch where the export allows
+        (:func:`model.lean.load_predictor`)."""
+        predictor = load_predictor(checkpoint, runtime=runtime)
         return cls(predictor, Database(db_url), store_images=store_images)
 
     # --- predicting --------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45)
     import cv2
 
     if heatmap.shape != image.shape[:2]:
-        from model.attribution import resize_heatmap  # torch/captum: only when needed
+        from model.heatmap import resize_heatmap
 
         heatmap = resize_heatmap(heatmap, image.shape[:2])
     heat = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
