@@ -104,11 +104,13 @@ BENIGN_COLOUR = "#2563eb"
 def percent(p: float, threshold: float | None = None) -> str:
     """``<1 %`` below one percent, else a whole percentage (``34 %``). Compared with a
     ``threshold``, a value that rounding would put on the threshold's other side gets one
-    decimal, rounded towards its own side: 49.96 % below 50 % reads ``49.9 %``, never ``50 %``."""
+    decimal, rounded towards its own side: 49.96 % below 50 % reads ``49.9 %``, never ``50 %``;
+    likewise 99.96 % reads ``99.9 %``, never ``100 %``."""
     if p < 0.01:
         return "<1 %"
     whole = f"{100 * p:.0f} %"
-    if threshold is not None and p < threshold <= float(whole[:-2]) / 100:
+    limit = 1.0 if threshold is None else threshold  # nothing below 1 reads "100 %" either
+    if p < limit <= float(whole[:-2]) / 100:
         return f"{math.floor(1000 * p) / 10:.1f} %"
     return whole
 
@@ -298,16 +300,16 @@ HISTORY_TABLE_COLUMNS = [
 #: "confirmed" was a letter per line) and for the usual values.
 HISTORY_TABLE_WIDTHS: list[str | int] = [
     "76px",
-    "64px",
+    "56px",
+    "120px",
+    "170px",
+    "120px",
     "130px",
-    "180px",
+    "140px",
+    "56px",
+    "80px",
     "110px",
     "150px",
-    "150px",
-    "64px",
-    "90px",
-    "130px",
-    "200px",
 ]
 HISTORY_TABLE_TYPES: list[Literal["str", "number", "markdown"]] = [
     "markdown",
@@ -345,6 +347,7 @@ def history_table_row(
 
 
 BATCH_TABLE_COLUMNS = ["image", "file", "id", "top class", "probability", "flags", "error"]
+BATCH_TABLE_WIDTHS: list[str | int] = ["76px", "190px", "60px", "200px", "110px", "150px", "320px"]
 BATCH_TABLE_TYPES: list[Literal["str", "number", "markdown"]] = [
     "markdown",
     "str",

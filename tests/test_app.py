@@ -789,6 +789,7 @@ def test_percentages_never_round_across_the_threshold_they_are_compared_with():
     assert views.percent(0.49996, 0.5) == "49.9 %"  # never "50.0 %" below 50 %
     assert views.percent(0.5, 0.5) == "50 %" and views.percent(0.494, 0.5) == "49 %"
     assert views.percent(0.499) == "50 %" and views.percent(0.004) == "<1 %"
+    assert views.percent(0.9996) == "99.9 %" and views.percent(1.0) == "100 %"
 
 
 def test_batch_file_names_are_text_in_the_table():

@@ -115,6 +115,13 @@ def _no_sideways_scroll(page, width: int) -> None:
     assert page.evaluate("document.documentElement.scrollWidth") <= width + 2
 
 
+def _uploaded(page, name: str) -> None:
+    """Wait until the Batch tab's file list shows ``name`` (the upload is done: pressing
+    Analyse batch earlier would send no files on a slow machine)."""
+    page.locator("#batch-files").get_by_text(name).first.wait_for()
+    page.wait_for_timeout(300)
+
+
 def _analyse(page, image: Path, age: str, sex: str, site: str) -> int:
     page.locator("input[type=file]").first.set_input_files(str(image))
     page.get_by_label("Age (years, optional)").fill(age)
@@ -175,7 +182,7 @@ def test_analyse_batch_history_agreement_about_in_a_real_browser(browser, served
     broken.write_bytes(b"\xff\xd8\xff not a jpeg")
     batch = [EXAMPLES_DIR / n for n in ("ISIC_0028211.jpg", "ISIC_0029448.jpg", "ISIC_0030877.jpg")]
     page.locator("#batch-files input[type=file]").set_input_files([*map(str, batch), str(broken)])
-    page.wait_for_timeout(1000)
+    _uploaded(page, "broken.jpg")
     page.get_by_role("button", name="Analyse batch").click()
     summary = page.locator("#batch-summary")
     summary.get_by_text("3 images analysed and stored").wait_for()
@@ -371,7 +378,7 @@ def test_records_forms_dropdowns_and_delete_in_a_real_browser(browser, served, t
     shutil.copy(EXAMPLES_DIR / "ISIC_0029448.jpg", odd)
     page.get_by_role("tab", name="Batch").click()
     page.locator("#batch-files input[type=file]").set_input_files(str(odd))
-    page.wait_for_timeout(1000)
+    _uploaded(page, "onerror")
     page.get_by_role("button", name="Analyse batch").click()
     page.locator("#batch-summary").get_by_text("1 image analysed and stored").wait_for()
     batch_table = page.locator("#batch-table")

@@ -108,6 +108,7 @@ def build_batch_ui(service: PredictionService, exports: Path) -> Components:
     ui["table"] = gr.Dataframe(
         headers=views.BATCH_TABLE_COLUMNS,
         datatype=views.BATCH_TABLE_TYPES,
+        column_widths=views.BATCH_TABLE_WIDTHS,
         interactive=False,
         label="Results (open a row's # in the History tab for its heatmap and report)",
         elem_id="batch-table",

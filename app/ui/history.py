@@ -260,17 +260,21 @@ def _history_listing() -> tuple[Components, dict[str, gr.Button]]:
         max_height=780,
         wrap=True,
     )
+    # one compact line under the table: ‹ Newer [page] Older › (the summary names the page)
     with gr.Row(equal_height=True, elem_id="history-pages"):
-        buttons["newer"] = gr.Button("‹ Newer", size="sm", min_width=90)
+        buttons["newer"] = gr.Button("‹ Newer", size="sm", scale=1, min_width=80)
         ui["page"] = gr.Number(
             value=1,
             precision=0,
             minimum=1,
             label="Page (1 = newest)",
-            min_width=120,
+            show_label=False,
+            container=False,
+            scale=1,
+            min_width=80,
             elem_id="history-page",
         )
-        buttons["older"] = gr.Button("Older ›", size="sm", min_width=90)
+        buttons["older"] = gr.Button("Older ›", size="sm", scale=1, min_width=80)
     ui["shown_page"] = gr.State(1)
     return ui, buttons
 
