@@ -43,6 +43,7 @@ from app.auth import (
 )
 from app.config import Settings
 from app.health import Lifecycle
+from app.ui.common import record_files
 from app.ui.demo import BUSY_MESSAGE
 from common.errors import DatabaseError, DermError
 from common.version import __version__
@@ -262,7 +263,11 @@ class RestApi:
         return buf.getvalue()
 
     def _delete(self, row_id: int) -> None:
-        if not self.service.delete(row_id):
+        try:
+            deleted = self.service.delete(row_id)
+        finally:  # the files the web UI made for it (upload, panels, reports) go too
+            record_files(self.service).remove(row_id)
+        if not deleted:
             raise ApiError(404, f"No stored prediction has id {row_id}.")
 
     # --- the app -------------------------------------------------------------------------------
