@@ -292,7 +292,13 @@ def test_records_forms_dropdowns_and_delete_in_a_real_browser(browser, served, t
     info.get_by_text("now explain").wait_for()
     assert f"saved to history as #{first}" in info.inner_text()
 
-    # a typed value matching no option is refused with its message; the old result is gone
+    # another image uploaded: the first one's result (and its case report) is gone at once
+    assert page.locator("#probabilities .prob-row").count() == len(CLASSES)
+    page.locator("input[type=file]").first.set_input_files(str(EXAMPLES_DIR / "ISIC_0028211.jpg"))
+    expect(page.locator("#probabilities .prob-row")).to_have_count(0, timeout=WAIT_MS)
+    assert "saved to history" not in info.inner_text()
+
+    # a typed value matching no option is refused with its message; no result is shown
     count = service.count()
     _type_choice(page, "Sex", "mail")
     page.get_by_role("button", name="Analyse", exact=True).click()

@@ -309,10 +309,11 @@ def _confirmations(examples: list[dict[str, Any]]) -> str:
     return " / ".join(kinds) or "expert"
 
 
-def _examples_gallery(inputs: Components) -> None:
+def _examples_gallery(inputs: Components) -> Any:
+    """The example gallery; returns its pick event (None without examples)."""
     examples = _read_examples()
     if not examples:
-        return
+        return None
     gallery = gr.Gallery(
         value=[(e["image"], e["caption"]) for e in examples],
         label="Examples: HAM10000 test-split images (CC BY-NC 4.0), captioned with their "
@@ -329,7 +330,7 @@ def _examples_gallery(inputs: Components) -> None:
         e = examples[int(evt.index)]
         return {inputs[k]: e[k] for k in ("image", "age", "sex", "site")}
 
-    gallery.select(
+    return gallery.select(
         pick,
         outputs=[inputs[k] for k in ("image", "age", "sex", "site")],
         api_visibility="private",
@@ -346,25 +347,26 @@ def build_analyse_ui(
             with gr.Row():
                 clear = gr.ClearButton(value="Clear")
                 submit = gr.Button("Analyse", variant="primary")
-            _examples_gallery(inputs)
+            picked = _examples_gallery(inputs)
         with gr.Column(scale=1, min_width=320):
             outputs = _analyse_outputs()
     ui = {**inputs, **outputs}
     # the opacity slider sits with the heatmap but is an input of /predict too
     predict_inputs = [ui[k] for k in PREDICT_INPUTS]
-    # the previous result is cleared first, so an error never shows above someone else's result
-    submit.click(
-        lambda: {
+
+    def cleared() -> dict[Any, Any]:
+        """No result: it would describe another image than the one in the form."""
+        return {
             **{outputs[k]: None for k in ("heatmap", "chart", "result", "view")},
             outputs["probabilities"]: "",
             outputs["alerts"]: RESULTS_PLACEHOLDER,
             outputs["info"]: "",
             outputs["report"]: gr.File(value=None, visible=False),
-        },
-        outputs=[*(outputs[k] for k in PREDICT_OUTPUTS), outputs["view"], outputs["report"]],
-        queue=False,
-        api_visibility="private",
-    ).then(
+        }
+
+    result_outputs = [*(outputs[k] for k in PREDICT_OUTPUTS), outputs["view"], outputs["report"]]
+    # the previous result is cleared first, so an error never shows above an older result
+    submit.click(cleared, outputs=result_outputs, queue=False, api_visibility="private").then(
         bind(analyse, service, ui),
         inputs=predict_inputs,
         outputs=[*(outputs[k] for k in PREDICT_OUTPUTS), outputs["view"]],
@@ -379,6 +381,10 @@ def build_analyse_ui(
         outputs=inputs["image"],
         api_visibility="private",
     )
+    # a new image: the result (and its case report) of the previous one goes
+    inputs["image"].upload(cleared, outputs=result_outputs, queue=False, api_visibility="private")
+    if picked is not None:
+        picked.then(cleared, outputs=result_outputs, queue=False, api_visibility="private")
     inputs["target"].input(
         bind(explain_again, service, {**ui, "explained": outputs["info"]}),
         inputs=[*predict_inputs, outputs["view"]],
