@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
 from common.errors import DataError
 
@@ -34,6 +33,9 @@ SPLIT_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "split")
 
 def _one_fold(labels: np.ndarray, groups: np.ndarray, frac: float, seed: int) -> np.ndarray:
     """Boolean mask of one fold holding about ``frac`` of the rows, grouped and stratified."""
+    # (scikit-learn is ~80 MB resident: imported where splits are made, not by the app)
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
     n_splits = max(2, round(1.0 / frac))
     if len(np.unique(groups)) < n_splits:
         raise DataError(

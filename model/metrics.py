@@ -15,7 +15,6 @@ import itertools
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import roc_curve
 
 from data_pipeline.schema import HAM7, ClassSet
 
@@ -61,6 +60,8 @@ def sensitivity_at_specificity(
 ) -> float:
     """The highest sensitivity of any threshold on ``score`` whose specificity is at least the
     target, read off the ROC curve (as dermatology reader studies report it)."""
+    from sklearn.metrics import roc_curve  # (~80 MB resident: not in a serving process)
+
     fpr, tpr, _ = roc_curve(positive, score)
     return _sensitivity_on_curve(fpr, tpr, specificity)
 
@@ -89,6 +90,8 @@ def binary_metrics(positive: np.ndarray, score: np.ndarray) -> dict:
     out: dict = {"n_pos": int(positive.sum()), "n_neg": int((~positive).sum())}
     if positive.all() or not positive.any():
         return {**out, "auc": None, "sens_at_spec80": None, "sens_at_spec90": None}
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(positive, score)  # once for both operating points
     return {
         **out,
