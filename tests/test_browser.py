@@ -70,8 +70,7 @@ def browser():
         b.close()
 
 
-@pytest.fixture(scope="module")
-def served(tiny_checkpoint, tmp_path_factory):
+def _serve(tiny_checkpoint, tmp_path_factory):
     save = os.environ.get(SCREENSHOT_ENV) == "1"
     checkpoint = SHIPPED_DIR if save and (SHIPPED_DIR / CONFIG_FILE).is_file() else tiny_checkpoint
     db = tmp_path_factory.mktemp("browserdb") / "history.db"
@@ -81,6 +80,18 @@ def served(tiny_checkpoint, tmp_path_factory):
     yield service, url
     demo.close()
     service.close()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint, tmp_path_factory):
+    yield from _serve(tiny_checkpoint, tmp_path_factory)
+
+
+@pytest.fixture
+def served_alone(tiny_checkpoint, tmp_path_factory):
+    """A server of its own: the records test opened the wrong record now and then when it ran
+    on the server the tour test had used (not yet understood; see the closing note of 2026-12-04)."""
+    yield from _serve(tiny_checkpoint, tmp_path_factory)
 
 
 def _choose(page, label: str, option: str) -> None:
@@ -118,7 +129,8 @@ def _no_sideways_scroll(page, width: int) -> None:
 def _uploaded(page, name: str) -> None:
     """Wait until the Batch tab's file list shows ``name`` (the upload is done: pressing
     Analyse batch earlier would send no files on a slow machine)."""
-    page.locator("#batch-files").get_by_text(name).first.wait_for()
+    # Gradio may draw a long name as stem + extension in two spans, so match the row's label
+    page.locator(f'#batch-files [aria-label*="{name}"]').first.wait_for()
     page.wait_for_timeout(300)
 
 
@@ -262,14 +274,14 @@ def _type_choice(page, label: str, text: str) -> None:
     box.press("Enter")
 
 
-def test_records_forms_dropdowns_and_delete_in_a_real_browser(browser, served, tmp_path):
+def test_records_forms_dropdowns_and_delete_in_a_real_browser(browser, served_alone, tmp_path):
     """Issue 24: what the app stores is what the user saw and meant, and a delete says what it
     removes. Exact dropdown matches win, a typed value matching nothing is refused, an error
     clears the previous result, re-explaining keeps the saved id, each opened record shows its
     own confirmation (never the previous record's), an empty form is refused, a batch file
     name is text."""
     expect = pytest.importorskip("playwright.sync_api").expect
-    service, url = served
+    service, url = served_alone
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(WAIT_MS)
     page.goto(url)
