@@ -89,8 +89,8 @@ def served(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture
 def served_alone(tiny_checkpoint, tmp_path_factory):
-    """A server of its own: the records test opened the wrong record now and then when it ran
-    on the server the tour test had used (not yet understood; see the closing note of 2026-12-04)."""
+    """A server of its own for the records test, which now and then timed out opening a record
+    when it ran on the server the tour test had used (not yet understood)."""
     yield from _serve(tiny_checkpoint, tmp_path_factory)
 
 
