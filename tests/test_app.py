@@ -772,6 +772,21 @@ def test_opening_a_record_loads_its_own_confirmation_never_the_previous_one(app)
     assert app.service.get(a).confirmed_note == "excised 2026-01"
 
 
+def test_actions_are_refused_for_an_id_the_form_does_not_show():
+    """The confirm, report and delete buttons act on the record the page shows: a click sent
+    with another id in the box (before its clearing arrived) is refused, nothing is called."""
+    from app.ui.history import _shown_only
+
+    calls = []
+    guarded = _shown_only(lambda prediction_id, dx: calls.append((prediction_id, dx)))
+    with pytest.raises(gr.Error, match="shows prediction #3, not #4"):
+        guarded("4", "mel", 3)
+    assert calls == []
+    guarded("#3", "mel", 3)  # the shown record
+    guarded("5", "nv", None)  # an API call names its id itself (no page state)
+    assert calls == [("#3", "mel"), ("5", "nv")]
+
+
 def test_explaining_another_class_keeps_the_saved_id(app):
     from app.ui.analyse import analyse, explain_again
 

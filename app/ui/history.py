@@ -52,7 +52,17 @@ HISTORY_OUTPUTS = ("table", "summary", "download")
 SEARCH_INPUTS = (*HISTORY_INPUTS, "page")
 #: Outputs of a search: ``/history``'s three values and the page shown (a state, not in the API).
 SEARCH_OUTPUTS = (*HISTORY_OUTPUTS, "shown_page")
-DETAIL_OUTPUTS = ("pick_id", "detail_image", "detail", "detail_probabilities", "detail_chart")
+#: What one opened record shows; ``detail_id`` (a state, not in the API) names the record the
+#: detail describes and is set by the same event, so :func:`build_history_ui`'s check of the id
+#: box can tell the opening writing its own id there from another id typed in.
+DETAIL_OUTPUTS = (
+    "pick_id",
+    "detail_image",
+    "detail",
+    "detail_probabilities",
+    "detail_chart",
+    "detail_id",
+)
 CONFIRM_INPUTS = ("pick_id", "confirm_dx", "confirm_source", "confirm_note")
 CONFIRM_OUTPUTS = ("status", *DETAIL_OUTPUTS)
 DELETE_OUTPUTS = ("status", *DETAIL_OUTPUTS)
@@ -124,19 +134,21 @@ def _detail_values(service: PredictionService, record: PredictionRecord) -> Valu
     heat = heatmap_from_png(record.heatmap_png)
     metadata = Metadata(age=record.age, sex=record.sex, site=record.site)
     target = record.attribution_target or record.predicted_class
-    values = {
+    panel = output_file(side_by_side(image, heat, DEFAULT_OPACITY))
+    chart = output_file(
+        contributions_chart(record.metadata_contributions, target, metadata), "chart"
+    )
+    record_files(service).add(record.id, panel, chart)
+    return {
         "pick_id": str(record.id),
-        "detail_image": output_file(side_by_side(image, heat, DEFAULT_OPACITY)),
+        "detail_id": record.id,
+        "detail_image": panel,
         "detail": history.detail_markdown(record),
         "detail_probabilities": views.probabilities_html(
             record.probabilities or {}, record.model_version
         ),
-        "detail_chart": output_file(
-            contributions_chart(record.metadata_contributions, target, metadata), "chart"
-        ),
+        "detail_chart": chart,
     }
-    record_files(service).add(record.id, values["detail_image"], values["detail_chart"])
-    return values
 
 
 def _get(service: PredictionService, pid: int) -> PredictionRecord:
@@ -236,6 +248,7 @@ def delete_record(service: PredictionService, prediction_id: Any) -> Values:
     return {
         "status": f"Prediction #{pid} was deleted.",
         "pick_id": "",
+        "detail_id": None,
         "detail_image": None,
         "detail": "",
         "detail_probabilities": "",
@@ -287,7 +300,10 @@ def _history_detail() -> tuple[Components, gr.Button]:
         )
         show_btn = gr.Button("Show prediction", scale=1)
     ui["status"] = gr.Markdown(elem_id="history-status")
-    ui["shown_id"] = gr.State(None)  # the record the detail and form describe (see _shown_only)
+    # the record the form and buttons act on, set only by the page's own events (see
+    # _shown_only; API calls name their id themselves), and the record the detail shows
+    ui["shown_id"] = gr.State(None)
+    ui["detail_id"] = gr.State(None)
     ui["detail_image"] = shown_image("Stored image and heatmap", None, "history-image", False)
     with gr.Row(equal_height=False):
         with gr.Column(min_width=300):
@@ -324,8 +340,8 @@ def _history_actions() -> tuple[Components, dict[str, gr.Button]]:
 def _shown_only(callback: Callable) -> Callable:
     """``callback(prediction_id, ...)`` refused unless ``prediction_id`` is the record the page
     shows (its last input, a state the API does not see: API calls name their id themselves).
-    Typing another id clears the detail and disables the buttons already; this also covers an
-    id changed without a keystroke (pasted with the mouse, filled in by the browser)."""
+    Another id in the box clears the detail and disables the buttons already; this also
+    covers a click sent before that clearing arrived, and callers that set the id themselves."""
 
     def guarded(*inputs: Any) -> Any:
         *values, shown = inputs
@@ -429,6 +445,7 @@ def build_history_ui(service: PredictionService, exports: Path) -> tuple[Compone
         """Nothing open: no detail, an empty form, no actions."""
         return {
             ui["shown_id"]: None,
+            ui["detail_id"]: None,
             **{c: gr.Image(value=None, visible=False) for c in images},
             ui["detail"]: "",
             ui["detail_probabilities"]: "",
@@ -441,6 +458,7 @@ def build_history_ui(service: PredictionService, exports: Path) -> tuple[Compone
 
     closed_outputs = [
         ui["shown_id"],
+        ui["detail_id"],
         *images,
         ui["detail"],
         ui["detail_probabilities"],
@@ -463,9 +481,25 @@ def build_history_ui(service: PredictionService, exports: Path) -> tuple[Compone
     open_fresh(
         detail["pick_id"].submit(show, inputs=detail["pick_id"], outputs=detail_outputs, **private)
     )
-    # typing another id: what is shown no longer belongs to the id in the box
-    detail["pick_id"].input(
-        lambda: {**closed(), ui["status"]: ""},
+
+    def box_changed(prediction_id: Any, detail_id: Any) -> dict[Any, Any]:
+        """Another id in the box (typed, pasted, filled in by the browser): what is shown no
+        longer belongs to it, so close it. The box also changes when a record is opened (its
+        own id is written there); ``detail_id`` is set by that same event, so it matches and
+        nothing closes. (Listening to ``.input`` instead raced: Gradio's Textbox sends an
+        ``input`` event after every keydown, Enter included, which could arrive after Enter's
+        own ``submit`` had opened the record and close it again.)"""
+        if detail_id is None:  # nothing open (or just deleted: keep its status line)
+            return {}
+        try:
+            same = parse_prediction_id(prediction_id) == detail_id
+        except gr.Error:
+            same = False
+        return {} if same else {**closed(), ui["status"]: ""}
+
+    detail["pick_id"].change(
+        box_changed,
+        inputs=[detail["pick_id"], ui["detail_id"]],
         outputs=[*closed_outputs, ui["status"]],
         queue=False,
         trigger_mode="always_last",
