@@ -384,6 +384,15 @@ def thumbnails(session: Session, ids: list[int]) -> dict[int, bytes | None]:
     return {int(i): t for i, t in session.execute(stmt)}
 
 
+def existing_ids(session: Session, ids: list[int]) -> set[int]:
+    """Which of these ids still have a row (one query)."""
+    if not ids:
+        return set()
+    P = PredictionRecord
+    wanted = [i for i in (_storable_id(session, i) for i in ids) if i is not None]
+    return {int(i) for i in session.scalars(select(P.id).where(P.id.in_(wanted)))}
+
+
 def get_prediction(session: Session, prediction_id: Any) -> PredictionRecord | None:
     """The row with this id, or None; an id that is not a valid id is a ``DermError``."""
     pid = _storable_id(session, prediction_id)

@@ -9,7 +9,7 @@ reports for every metric A, B, the difference B − A with a percentile interval
 beat A over the draws. The resampling is :mod:`model.bootstrap`'s, which also gives one model's
 intervals (``scripts.evaluate --bootstrap N``).
 
-Used by ``scripts.compare``; the metrics are the ones the selection rule and the README report
+Used by ``scripts.compare``; the metrics are the ones the selection rule and docs/results report
 (:func:`model.scoring.set_score`), computed by the same functions as everywhere else.
 """
 

@@ -6,7 +6,7 @@ reads them and joins the process group (NCCL on CUDA, gloo on CPU). Started any 
 (``python -m scripts.train``) the world has size 1, no process group is created, and every helper
 here is a no-op, so the single-process path stays exactly as it was.
 
-Choices (documented in the README, "Distributed training"):
+Choices (documented in docs/guide/training.md, "Distributed training"):
 
 * **Sampling** — :class:`data_pipeline.dataset.DistributedWeightedSampler`: each epoch one
   weighted sample is drawn (same seed and epoch on every rank) and rank r takes every

@@ -5,9 +5,10 @@ faster than ~100 images/s or ~10 ms per image (measured: batch size, thread layo
 fusing the members into grouped convolutions all give the same), while int8 convolutions on
 VNNI/AMX hardware run about twice as fast. Why it is **not** the default: post-training
 quantisation moves probabilities (on the shipped model 3–5 % of top-1 classes change on the
-validation sets and the selection score drops; README, "Serving"). It is a documented
-speed-for-accuracy trade a deployment may choose with ``--runtime int8``; float32 stays the
-reference that every published metric comes from unless a row says otherwise.
+validation sets and the selection score drops; docs/benchmarks.md, "Why float32 stays the
+default"). It is a documented speed-for-accuracy trade a deployment may choose with
+``--runtime int8``; float32 stays the reference that every published metric comes from unless
+a row says otherwise.
 
 How: ONNX Runtime's static quantisation (QDQ format, per-channel symmetric int8 weights, uint8
 activations with MinMax ranges) calibrated on training images only — a class-stratified sample

@@ -4,7 +4,7 @@
     python -m scripts.evaluate --data-dir ../shared/ham10000 --split test \\
         --external ../shared/isic2017/val --by-source --out outputs/eval_by_source
     python -m scripts.evaluate --data-dir /data/external --split all --out outputs/external --tta
-    python -m scripts.evaluate --data-dir ../shared/ham10000 --external ../shared/isic2017/val \
+    python -m scripts.evaluate --data-dir ../shared/ham10000 --external ../shared/isic2017/val \\
         --by age,sex,site,source,skin_tone --out outputs/audit      # subgroup audit
 
 Writes OUT/metrics.json, OUT/predictions.csv and confusion / ROC / reliability PNGs.

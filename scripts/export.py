@@ -12,7 +12,8 @@ made before exports existed, or after changing its weights by hand. The app, ``s
 ``--int8`` also writes ``model.int8.onnx``, statically quantised and calibrated on a
 class-stratified sample of *training* images (the checkpoint's HAM10000 train split of
 ``--data-dir`` plus any ``--extra`` training folder), served only with ``--runtime int8``: about
-twice as fast on a CPU, but not accuracy-neutral (:mod:`model.quantize`; README, "Serving").
+twice as fast on a CPU, but not accuracy-neutral (:mod:`model.quantize`; docs/benchmarks.md,
+"Why float32 stays the default").
 """
 
 from __future__ import annotations

@@ -275,12 +275,17 @@ def to_csv(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return buf.getvalue().rstrip("\n")
 
 
-def write_csv(records: Iterable[PredictionRecord], path: Path) -> Path:
+def write_csv(
+    records: Iterable[PredictionRecord], path: Path, codes: Sequence[str] | None = None
+) -> Path:
     """The rows as a CSV file; ``records`` may be streamed a page at a time. A ``p_`` column
-    per class of HAM10000 and of every model loaded here (:func:`known_codes`)."""
+    per code in ``codes``: by default each class of HAM10000 and of every model loaded here
+    (:func:`known_codes`); pass :func:`csv_codes` of the same rows (a first streamed pass) when
+    they may come from models with other class sets, whose probabilities would else be left out.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    codes = known_codes()
+    codes = tuple(codes) if codes is not None else known_codes()
     with path.open("w", newline="", encoding="utf-8") as fh:
         rows = (csv_row(r, codes) for r in records)
         write_csv_rows(fh, csv_columns(codes), rows, lineterminator="\r\n")

@@ -25,6 +25,7 @@ from db.queries import (
     confirm_prediction,
     count_predictions,
     counts_per_class_per_day,
+    existing_ids,
     get_prediction,
     normalize_batch_id,
     query_predictions,
@@ -200,6 +201,12 @@ class PredictionService:
         """``{id: thumbnail JPEG}`` of the listed rows (for tables of long listings)."""
         with self._database().session() as session:
             return thumbnails(session, ids)
+
+    def existing(self, ids: list[int]) -> set[int]:
+        """Which of these prediction ids are still stored (others were deleted, maybe by
+        another process: ``query_history --delete``, another app server)."""
+        with self._database().session() as session:
+            return existing_ids(session, ids)
 
     def count(self, f: FilterLike = None) -> int:
         with self._database().session() as session:

@@ -818,3 +818,26 @@ def test_batch_file_names_are_text_in_the_table():
     assert file_cell == name  # a "str" column: shown as typed
     alt = cell[2 : cell.index("](data:")]
     assert "](" not in alt and "<" not in alt and ">" not in alt and "(" not in alt
+
+
+def test_a_record_deleted_by_another_process_loses_its_app_files_at_the_next_search(
+    app, tmp_path: Path
+):
+    """``query_history --delete`` (another process) removes the row; this app's files for it
+    (its upload, panels, report) go at the next History search, another record's stay."""
+    from app.ui.common import record_files
+    from app.ui.history import search_history, show_record
+    from scripts import query_history
+
+    kept = predict(app.client, EXAMPLE, 40, "female", "back")[-1]["prediction_id"]
+    gone = predict(app.client, EXAMPLE, 41, "male", "face")[-1]["prediction_id"]
+    kept_files = [show_record(app.service, kept)[k] for k in ("detail_image", "detail_chart")]
+    gone_files = [show_record(app.service, gone)[k] for k in ("detail_image", "detail_chart")]
+    assert all(Path(p).is_file() for p in kept_files + gone_files)
+    assert query_history.main(["--db", app.service.db.url, "--delete", str(gone)]) in (0, None)
+    assert all(Path(p).is_file() for p in gone_files)  # this app has not looked yet
+    search_history(app.service, tmp_path, None, None, None, None, None, None)
+    assert not any(Path(p).exists() for p in gone_files)
+    assert all(Path(p).is_file() for p in kept_files)
+    # nothing is remembered for it any more but the CSV listing that search just wrote
+    assert all(p.endswith(".csv") for p in record_files(app.service).paths(gone))

@@ -664,3 +664,29 @@ def test_nul_in_a_note_is_refused_on_every_backend(service: PredictionService, c
 def test_age_just_outside_the_range_is_said_as_given(given, shown):
     with pytest.raises(MetadataError, match=re.escape(f"Age {shown} is outside 0-120")):
         normalize_age(given)
+
+
+def test_history_download_keeps_the_classes_of_a_model_with_another_class_set(
+    sqlite_service: PredictionService, tmp_path: Path
+):
+    """A row stored by a model trained on another class set (here a clinic's scc/other) keeps
+    its probabilities in the app's History CSV, though that model is not the one loaded."""
+    from app.ui.history import search_history
+
+    insert(
+        sqlite_service.db,
+        make_row(),
+        make_row(
+            predicted_class="scc",
+            probabilities={"scc": 0.7, "other": 0.3},
+            attribution_target="scc",
+            model_version="clinic@222222222222",
+        ),
+    )
+    out = search_history(sqlite_service, tmp_path, None, None, None, None, None, None)
+    rows = list(csv.DictReader(io.StringIO(Path(out["download"]).read_text())))
+    assert len(rows) == 2
+    clinic = next(r for r in rows if r["model_version"] == "clinic@222222222222")
+    assert (clinic["p_scc"], clinic["p_other"], clinic["p_nv"]) == ("0.7", "0.3", "")
+    ham = next(r for r in rows if r["model_version"] != "clinic@222222222222")
+    assert float(ham["p_nv"]) == 0.6 and ham["p_scc"] == ""

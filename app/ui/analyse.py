@@ -50,7 +50,8 @@ RESULTS_PLACEHOLDER = (
 )
 TOP_CLASS = "top"  # the "explain" choice meaning: the predicted class
 
-#: Output order of the ``/predict`` API (the README's client snippet unpacks it in this order).
+#: Output order of the ``/predict`` API (docs/guide/app.md's client snippet unpacks it in this
+#: order).
 PREDICT_OUTPUTS = ("probabilities", "alerts", "heatmap", "chart", "info", "result")
 #: Input order of ``/predict``: the last two have defaults and may be left out by API clients.
 PREDICT_INPUTS = ("image", "age", "sex", "site", "target", "opacity")

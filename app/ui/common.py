@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 Components = dict[str, Any]
 Values = dict[str, Any]
 
-#: Predictions running at once (``python -m app --concurrency``). Measured on 2 cores (README,
-#: Benchmarks): 2 beats 1 (decoding, rendering and storing one request overlap the other's
+#: Predictions running at once (``python -m app --concurrency``). Measured on 2 cores
+#: (docs/benchmarks.md): 2 beats 1 (decoding, rendering and storing one request overlap the other's
 #: inference) and 4 only adds contention.
 PREDICT_CONCURRENCY = 2
 #: Re-explaining a result and batches run one at a time, so they never crowd out /predict.
@@ -169,8 +169,10 @@ class RecordFiles:
     (:meth:`service.prediction.PredictionService.delete`).
 
     In memory, per running app: files of an earlier run are gone already (Gradio empties its
-    cache when the server stops) and a record deleted from the CLI keeps this app's files only
-    until Gradio's cache clean-up (:data:`app.ui.demo.CACHE_LIFETIME`) or the next restart."""
+    cache when the server stops). A record deleted by another process (``query_history
+    --delete``, another app server on the same database) keeps this app's files until the next
+    History search here (:meth:`remove_deleted`), Gradio's cache clean-up
+    (:data:`app.ui.demo.CACHE_LIFETIME`) or a restart, whichever comes first."""
 
     #: Entries whose files are all gone (Gradio's clean-up) are dropped every this many adds.
     SWEEP_EVERY = 512
@@ -223,6 +225,14 @@ class RecordFiles:
                 with contextlib.suppress(OSError):
                     parent.rmdir()  # Gradio's per-file folder / a report's folder, when empty
         return removed
+
+    def remove_deleted(self, service: PredictionService) -> list[str]:
+        """:meth:`remove` the files of every remembered record the database no longer holds
+        (deleted by another process); returns the paths deleted."""
+        with self._lock:
+            ids = list(self._paths)
+        gone = set(ids) - service.existing(ids)
+        return [path for pid in sorted(gone) for path in self.remove(pid)]
 
     def _sweep(self) -> None:
         for pid in [p for p, files in self._paths.items() if not any(map(os.path.exists, files))]:

@@ -111,8 +111,12 @@ def search_history(
         shown = service.history(f, limit=HISTORY_PAGE, offset=offset, images=False)
         thumbs = service.thumbnails([r.id for r in shown]) if service.store_images else {}
         prune(exports)
+        record_files(service).remove_deleted(service)  # deleted by another process meanwhile
         out = exports / f"dermfusion_history_{uuid.uuid4().hex[:8]}.csv"
-        history.write_csv(_all_matching(service, f), out)
+        # two streamed passes: the class codes of every matching row (rows of a model with
+        # other classes keep their p_ columns), then the rows
+        codes = history.csv_codes(_all_matching(service, f))
+        history.write_csv(_all_matching(service, f), out, codes)
         record_files(service).add_listing(str(out))
     now = datetime.now(UTC)
     if total == 0:
