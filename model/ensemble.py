@@ -21,7 +21,7 @@ import torch
 
 from common.errors import DataError
 from data_pipeline.ham10000 import load_metadata
-from data_pipeline.schema import CLASSES
+from data_pipeline.schema import CLASSES, ClassSet
 from data_pipeline.sources import source_name
 from data_pipeline.transforms import Preprocessing
 from model.calibration import softmax
@@ -80,41 +80,55 @@ def _combined(logits: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
     return np.sum([z * weights[i] for i, z in enumerate(logits)], axis=0)
 
 
-def _weights_score(sets: MemberLogits, weights: np.ndarray, rows: dict | None = None) -> float:
+def _weights_score(
+    sets: MemberLogits,
+    weights: np.ndarray,
+    rows: dict | None = None,
+    classes: ClassSet | Sequence[str] = CLASSES,
+) -> float:
     per_set = {}
     for name, (logits, y) in sets.items():
         keep = slice(None) if rows is None else rows[name]
         z = _combined([m[keep] for m in logits], weights)
-        per_set[name] = compute_metrics(y[keep], softmax(z), CLASSES)
+        per_set[name] = compute_metrics(y[keep], softmax(z), classes)
     return selection_score(per_set)
 
 
 def fit_class_weights(
-    sets: MemberLogits, grid: Sequence[float] = WEIGHT_GRID, rows: dict | None = None
+    sets: MemberLogits,
+    grid: Sequence[float] = WEIGHT_GRID,
+    rows: dict | None = None,
+    classes: ClassSet | Sequence[str] = CLASSES,
 ) -> np.ndarray:
     """Per-class weights of two members, fitted to the selection score on validation only.
 
     Coordinate ascent from the plain mean: for each class in turn, member 0's weight takes the
     grid value that scores best (member 1 gets the rest), two passes. ``rows``: per set, the
-    rows to fit on (cross-fitting). Returns shape (2, n_classes), columns summing to 1."""
+    rows to fit on (cross-fitting); ``classes``: the members' class set (logit order). Returns
+    shape (2, n_classes), columns summing to 1."""
     n_members = len(next(iter(sets.values()))[0])
     if n_members != 2:
         raise CheckpointError(f"Per-class weights are fitted for two networks, not {n_members}.")
     n_classes = next(iter(sets.values()))[0][0].shape[1]
     w = np.full(n_classes, 0.5)
-    best = _weights_score(sets, np.stack([w, 1 - w]), rows)
+    best = _weights_score(sets, np.stack([w, 1 - w]), rows, classes)
     for _ in range(2):
         for c in range(n_classes):
             for value in grid:
                 trial = w.copy()
                 trial[c] = value
-                score = _weights_score(sets, np.stack([trial, 1 - trial]), rows)
+                score = _weights_score(sets, np.stack([trial, 1 - trial]), rows, classes)
                 if score > best + 1e-9:
                     best, w = score, trial
     return np.stack([w, 1 - w])
 
 
-def crossfit_score(sets: MemberLogits, lesions: dict[str, Sequence[str]], folds: int = 2) -> float:
+def crossfit_score(
+    sets: MemberLogits,
+    lesions: dict[str, Sequence[str]],
+    folds: int = 2,
+    classes: ClassSet | Sequence[str] = CLASSES,
+) -> float:
     """An honest validation score for fitted weights: each lesion's logits are combined with
     weights fitted on the *other* folds (lesions assigned by a stable hash), then the selection
     score is computed over all rows — comparable with any other candidate's val score."""
@@ -124,12 +138,12 @@ def crossfit_score(sets: MemberLogits, lesions: dict[str, Sequence[str]], folds:
     }
     combined = {name: np.zeros_like(logits[0]) for name, (logits, _) in sets.items()}
     for k in range(folds):
-        w = fit_class_weights(sets, rows={n: f != k for n, f in fold_of.items()})
+        w = fit_class_weights(sets, rows={n: f != k for n, f in fold_of.items()}, classes=classes)
         for name, (logits, _) in sets.items():
             held = fold_of[name] == k
             combined[name][held] = _combined([m[held] for m in logits], w)
     return selection_score(
-        {n: compute_metrics(sets[n][1], softmax(z), CLASSES) for n, z in combined.items()}
+        {n: compute_metrics(sets[n][1], softmax(z), classes) for n, z in combined.items()}
     )
 
 
@@ -293,7 +307,8 @@ def build_ensemble(
     ck = ensemble_config(model, configs, name, dtype, command, pre, members=records)
     if class_weights == "fit":
         per_set = _member_logits(model.nets, sets, device)
-        w = fit_class_weights(per_set)
+        codes = first.classes.codes
+        w = fit_class_weights(per_set, classes=first.classes)
         with torch.no_grad():
             model.member_weights.copy_(torch.from_numpy(w))
         lesions = {
@@ -303,10 +318,12 @@ def build_ensemble(
             "rule": "per-class weight of member 0 from "
             f"{list(WEIGHT_GRID)} (member 1: 1 - w), coordinate ascent on the selection score "
             "over the validation sets",
-            "weights": [dict(zip(CLASSES, row.tolist(), strict=True)) for row in w],
-            "fitted_selection_score": _weights_score(per_set, w),
-            "crossfit_selection_score": crossfit_score(per_set, lesions),
-            "mean_selection_score": _weights_score(per_set, np.full_like(w, 0.5)),
+            "weights": [dict(zip(codes, row.tolist(), strict=True)) for row in w],
+            "fitted_selection_score": _weights_score(per_set, w, classes=first.classes),
+            "crossfit_selection_score": crossfit_score(per_set, lesions, classes=first.classes),
+            "mean_selection_score": _weights_score(
+                per_set, np.full_like(w, 0.5), classes=first.classes
+            ),
         }
         print(f"class weights: {ck.training['class_weights']}", flush=True)
     detector = calibrate_and_score(model, ck, sets, device)

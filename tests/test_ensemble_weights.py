@@ -59,3 +59,26 @@ def test_uniform_weights_are_the_mean_and_old_ensembles_load() -> None:
         torch.testing.assert_close(again.eval()(x, meta), mean)
         ens.member_weights.copy_(torch.tensor([[1.0] * 7, [0.0] * 7]))
         torch.testing.assert_close(ens(x, meta), nets[0](x, meta))
+
+
+def test_weights_are_fitted_on_the_members_own_class_set() -> None:
+    """A clinic's three-class ensemble (not HAM10000's seven) is fitted and scored with its own
+    codes: member 0 is the better scc reader, so it gets the larger scc weight."""
+    from data_pipeline.schema import ClassSet
+
+    clinic = ClassSet(("scc", "bcc", "other"), ("SCC", "BCC", "Other"), frozenset({"scc", "bcc"}))
+    rng = np.random.default_rng(1)
+    sets = {}
+    for name, n in (("val", 240), ("ext", 120)):
+        y = np.arange(n) % 3
+        good = np.eye(3)[y] * 4.0
+        z0 = rng.normal(0, 1.5, (n, 3)) + np.where(y[:, None] == 0, good, 0.0)
+        z1 = rng.normal(0, 1.5, (n, 3)) + np.where(y[:, None] != 0, good, 0.0)
+        sets[name] = ([z0, z1], y)
+    w = fit_class_weights(sets, classes=clinic)
+    assert w.shape == (2, 3) and w[0, 0] > 0.5 > w[0, 2]
+    lesions = {name: [f"L{i}" for i in range(len(y))] for name, (_, y) in sets.items()}
+    assert (
+        crossfit_score(sets, lesions, classes=clinic)
+        <= _weights_score(sets, w, classes=clinic) + 1e-9
+    )
