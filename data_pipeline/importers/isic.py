@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -154,16 +155,45 @@ def _sites(table: dict[str, str | None]) -> tuple:
     return dict_map(table), (lambda raw: clean(raw) in known)
 
 
-def _parts(src: Path, pattern: str, parts: dict[str, str], what: str) -> dict[str, Path]:
-    """{split: ground-truth CSV} for each release part present under ``src`` (none: refused)."""
-    found = {}
-    for part, split in parts.items():
-        path = find_optional(src, [pattern.format(part=part)])
-        if path is not None and split not in found:
-            found[split] = path
-    if not found:
-        raise DataError(f"{src}: no {pattern.format(part='*')} found ({what}).")
-    return found
+@dataclass
+class _Release:
+    """A challenge release split in parts (training, validation, test), as it is read: each
+    part's ground-truth CSV, the images under ``src``, and the rows, input files, notes and
+    drop counts gathered so far (the 2017, 2018 and 2019 readers share this)."""
+
+    src: Path
+    parts: dict[str, Path]  # {split: ground-truth CSV}
+    images: dict[str, Path]
+    rows: list[Row] = field(default_factory=list)
+    inputs: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def find(cls, src: Path, pattern: str, parts: dict[str, str], what: str) -> _Release:
+        """The parts present under ``src`` (``pattern`` with ``{part}``; none: refused)."""
+        found: dict[str, Path] = {}
+        for part, split in parts.items():
+            path = find_optional(src, [pattern.format(part=part)])
+            if path is not None and split not in found:
+                found[split] = path
+        if not found:
+            raise DataError(f"{src}: no {pattern.format(part='*')} found ({what}).")
+        return cls(src, found, index_images(src))
+
+    def metadata(self, name: str, key: str, fields: str) -> dict[str, dict]:
+        """{image id: metadata row} of a part's metadata CSV; a part downloaded without it is
+        imported with those fields unknown (and says so)."""
+        path = find_optional(self.src, [name])
+        if path is None:
+            self.notes.append(f"no {name}: {fields} unknown")
+            return {}
+        self.inputs.append(path)
+        return read_csv(path, (key,)).drop_duplicates(key).set_index(key).to_dict("index")
+
+    def split_of(self, split: str) -> str:
+        """A row's official split, recorded only when the folder holds more than one part."""
+        return split if len(self.parts) > 1 else ""
 
 
 def _one_hot(
@@ -178,46 +208,21 @@ def _one_hot(
     return [str(c) if k else None for c, k in zip(hot.idxmax(axis=1), ok, strict=True)]
 
 
-def _part_metadata(
-    src: Path, name: str, key: str, fields: str, inputs: list[Path], notes: list[str]
-) -> dict[str, dict]:
-    """{image id: metadata row} of a release part's metadata CSV; a part downloaded without it
-    is imported with those fields unknown (and says so)."""
-    path = find_optional(src, [name])
-    if path is None:
-        notes.append(f"no {name}: {fields} unknown")
-        return {}
-    inputs.append(path)
-    return read_csv(path, (key,)).drop_duplicates(key).set_index(key).to_dict("index")
-
-
-def _split_of(parts: dict[str, Path], split: str) -> str:
-    """A row's official split, recorded only when the folder holds more than one part."""
-    return split if len(parts) > 1 else ""
-
-
 # --- ISIC 2017 --------------------------------------------------------------------------------
 
 
 def read_isic2017(src: Path) -> Spec:
-    parts = _parts(
+    release = _Release.find(
         src,
         "ISIC-2017_{part}_Part3_GroundTruth.csv",
         {"Training": "train", "Validation": "val", "Test_v2": "test", "Test": "test"},
         "the Part 3 ground truth of the training, validation or test set",
     )
-    images = index_images(src)
-    rows: list[Row] = []
-    inputs: list[Path] = []
-    notes: list[str] = []
-    dropped: Counter[str] = Counter()
-    for split, gt_path in parts.items():
+    for split, gt_path in release.parts.items():
         gt = read_csv(gt_path, ("image_id", "melanoma", "seborrheic_keratosis"))
         part = gt_path.name.removeprefix("ISIC-2017_").removesuffix("_Part3_GroundTruth.csv")
-        inputs.append(gt_path)
-        meta = _part_metadata(
-            src, f"ISIC-2017_{part}_Data_metadata.csv", "image_id", "age and sex", inputs, notes
-        )
+        release.inputs.append(gt_path)
+        meta = release.metadata(f"ISIC-2017_{part}_Data_metadata.csv", "image_id", "age and sex")
         for image_id, mel, sk in zip(
             gt["image_id"], gt["melanoma"], gt["seborrheic_keratosis"], strict=True
         ):
@@ -227,17 +232,17 @@ def read_isic2017(src: Path) -> Spec:
                 else ("seborrheic keratosis" if float(sk or 0) > 0.5 else "nevus")
             )
             m = meta.get(image_id, {})
-            rows.append(
+            release.rows.append(
                 Row(
                     image_id,
-                    images.get(image_id),
+                    release.images.get(image_id),
                     label,
                     age=m.get("age_approximate"),
                     sex=m.get("sex"),
-                    split=_split_of(parts, split),
+                    split=release.split_of(split),
                 )
             )
-    notes.append("ISIC 2017 gives no lesion ids (lesion_id = image_id) and no body site")
+    release.notes.append("ISIC 2017 gives no lesion ids (lesion_id = image_id) and no body site")
     site, known = _sites({})
     return Spec(
         name="ISIC 2017 (Part 3: lesion classification)",
@@ -246,8 +251,8 @@ def read_isic2017(src: Path) -> Spec:
             "2017 ISBI, hosted by the ISIC. arXiv:1710.05006."
         ),
         licence=ISIC_LICENCE,
-        rows=rows,
-        inputs=inputs,
+        rows=release.rows,
+        inputs=release.inputs,
         ham7=dict_map({"melanoma": "mel", "seborrheic keratosis": "bkl", "nevus": "nv"}),
         native_classes=[
             ClassInfo("mel", "Melanoma", True),
@@ -257,8 +262,8 @@ def read_isic2017(src: Path) -> Spec:
         native=dict_map({"melanoma": "mel", "seborrheic keratosis": "sk", "nevus": "nv"}),
         site=site,
         known_site=known,
-        notes=notes,
-        dropped=dropped,
+        notes=release.notes,
+        dropped=release.dropped,
     )
 
 
@@ -280,40 +285,40 @@ _NAMES = {
 
 
 def read_isic2018(src: Path) -> Spec:
-    parts = _parts(
+    release = _Release.find(
         src,
         "ISIC2018_Task3_{part}_GroundTruth.csv",
         {"Training": "train", "Validation": "val", "Test": "test"},
         "the Task 3 ground truth of the training, validation or test set",
     )
-    images = index_images(src)
     groups_path = find_optional(src, ["ISIC2018_Task3_Training_LesionGroupings.csv"])
     lesions: dict[str, str] = {}
-    inputs = list(parts.values())
-    notes = [
-        "the ISIC 2018 Task 3 training set is HAM10000 itself (same image ids): do not combine "
-        "it with ../ham10000 (the leak check refuses shared ids)",
-        "ISIC 2018 Task 3 ships no age, sex or body site (HAM10000's metadata has them)",
-    ]
+    release.inputs.extend(release.parts.values())
+    release.notes.extend(
+        [
+            "the ISIC 2018 Task 3 training set is HAM10000 itself (same image ids): do not "
+            "combine it with ../ham10000 (the leak check refuses shared ids)",
+            "ISIC 2018 Task 3 ships no age, sex or body site (HAM10000's metadata has them)",
+        ]
+    )
     if groups_path is not None:
-        inputs.append(groups_path)
+        release.inputs.append(groups_path)
         g = read_csv(groups_path, ("image", "lesion_id"))
         lesions = dict(zip(g["image"], g["lesion_id"], strict=True))
-    elif "train" in parts:
-        notes.append("no ISIC2018_Task3_Training_LesionGroupings.csv: lesion_id = image_id")
-    rows: list[Row] = []
-    dropped: Counter[str] = Counter()
-    for split, gt_path in parts.items():
+    elif "train" in release.parts:
+        release.notes.append("no ISIC2018_Task3_Training_LesionGroupings.csv: lesion_id = image_id")
+    for split, gt_path in release.parts.items():
         gt = read_csv(gt_path, ["image", *_2018])
-        for image_id, label in zip(gt["image"], _one_hot(gt, _2018, gt_path, dropped), strict=True):
+        labels = _one_hot(gt, _2018, gt_path, release.dropped)
+        for image_id, label in zip(gt["image"], labels, strict=True):
             if label is not None:
-                rows.append(
+                release.rows.append(
                     Row(
                         image_id,
-                        images.get(image_id),
+                        release.images.get(image_id),
                         label,
                         lesion_id=lesions.get(image_id, ""),
-                        split=_split_of(parts, split),
+                        split=release.split_of(split),
                     )
                 )
     return _one_hot_spec(
@@ -321,54 +326,45 @@ def read_isic2018(src: Path) -> Spec:
         "Codella N. et al. Skin lesion analysis toward melanoma detection 2018: a challenge "
         "hosted by the ISIC. arXiv:1902.03368; Tschandl P. et al. The HAM10000 dataset. "
         "Sci Data 5:180161 (2018).",
-        rows,
-        inputs,
+        release,
         _2018,
         {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl", "DF": "df"}
         | {"VASC": "vasc"},
-        notes,
-        dropped,
         {},
     )
 
 
 def read_isic2019(src: Path) -> Spec:
-    parts = _parts(
+    release = _Release.find(
         src,
         "ISIC_2019_{part}_GroundTruth.csv",
         {"Training": "train", "Test": "test"},
         "ISIC_2019_Training_GroundTruth.csv or ISIC_2019_Test_GroundTruth.csv",
     )
-    images = index_images(src)
-    rows: list[Row] = []
-    inputs: list[Path] = []
-    notes: list[str] = []
-    dropped: Counter[str] = Counter()
-    for split, gt_path in parts.items():
+    for split, gt_path in release.parts.items():
         part = "Training" if split == "train" else "Test"
         gt = read_csv(gt_path, ["image", *_2019[:-1]])
         cols = [c for c in _2019 if c in gt.columns]
-        inputs.append(gt_path)
-        meta = _part_metadata(
-            src, f"ISIC_2019_{part}_Metadata.csv", "image", "age, sex and site", inputs, notes
-        )
-        for image_id, label in zip(gt["image"], _one_hot(gt, cols, gt_path, dropped), strict=True):
+        release.inputs.append(gt_path)
+        meta = release.metadata(f"ISIC_2019_{part}_Metadata.csv", "image", "age, sex and site")
+        labels = _one_hot(gt, cols, gt_path, release.dropped)
+        for image_id, label in zip(gt["image"], labels, strict=True):
             if label is None:
                 continue
             m = meta.get(image_id, {})
-            rows.append(
+            release.rows.append(
                 Row(
                     image_id,
-                    images.get(image_id),
+                    release.images.get(image_id),
                     label,
                     lesion_id=m.get("lesion_id", ""),
                     age=m.get("age_approx"),
                     sex=m.get("sex"),
                     site=m.get("anatom_site_general", ""),
-                    split=_split_of(parts, split),
+                    split=release.split_of(split),
                 )
             )
-    notes.append(
+    release.notes.append(
         "the ISIC 2019 training set contains HAM10000 (ISIC_0024306 … ISIC_0034320) and ISIC "
         "2017 images: do not combine it with those folders (the leak check refuses shared ids)"
     )
@@ -376,13 +372,10 @@ def read_isic2019(src: Path) -> Spec:
         "ISIC 2019",
         "Tschandl P. et al. Sci Data 5:180161 (2018); Codella N. et al. arXiv:1710.05006; "
         "Combalia M. et al. BCN20000: dermoscopic lesions in the wild. arXiv:1908.02288.",
-        rows,
-        inputs,
+        release,
         [c for c in _2019 if c != "UNK"],
         {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AK": "akiec", "BKL": "bkl", "DF": "df"}
         | {"VASC": "vasc", "SCC": None, "UNK": None},
-        notes,
-        dropped,
         ISIC_SITES,
     )
 
@@ -390,12 +383,9 @@ def read_isic2019(src: Path) -> Spec:
 def _one_hot_spec(
     name: str,
     citation: str,
-    rows: list[Row],
-    inputs: list[Path],
+    release: _Release,
     native_cols: list[str],
     ham7: Mapping[str, str | None],
-    notes: list[str],
-    dropped: Counter[str],
     sites: dict[str, str | None],
 ) -> Spec:
     site, known = _sites(sites)
@@ -404,15 +394,15 @@ def _one_hot_spec(
         name=name,
         citation=citation,
         licence=ISIC_LICENCE,
-        rows=rows,
-        inputs=inputs,
+        rows=release.rows,
+        inputs=release.inputs,
         ham7=dict_map(ham7),
         native_classes=native,
         native=dict_map({c: _NAMES[c][0] for c in native_cols}),
         site=site,
         known_site=known,
-        notes=notes,
-        dropped=dropped,
+        notes=release.notes,
+        dropped=release.dropped,
     )
 
 
