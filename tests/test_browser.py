@@ -138,7 +138,7 @@ def _analyse(page, image: Path, age: str, sex: str, site: str) -> int:
     return int(re.search(r"#(\d+)", info.inner_text()).group(1))
 
 
-def test_analyse_batch_history_agreement_about_in_a_real_browser(browser, served, tmp_path):
+def test_analyse_batch_history_agreement_about_in_a_real_browser(browser, served, tmp_path, capfd):
     service, url = served
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(WAIT_MS)
@@ -260,6 +260,15 @@ def test_analyse_batch_history_agreement_about_in_a_real_browser(browser, served
         _no_sideways_scroll(phone, 390)
         _save(phone, tmp_path, name)
     phone.close()
+    _no_server_errors(capfd)
+
+
+def _no_server_errors(capfd) -> None:
+    """No handler failed on the server while the page was used (the app thread shares this
+    process, so its stderr is captured): a refused input is a titled message, never a traceback,
+    and a handler returning the wrong outputs shows up here though the page may look fine."""
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
 
 
 def _type_choice(page, label: str, text: str) -> None:
@@ -272,7 +281,7 @@ def _type_choice(page, label: str, text: str) -> None:
     box.press("Enter")
 
 
-def test_records_forms_dropdowns_and_delete_in_a_real_browser(browser, served, tmp_path):
+def test_records_forms_dropdowns_and_delete_in_a_real_browser(browser, served, tmp_path, capfd):
     """Issue 24: what the app stores is what the user saw and meant, and a delete says what it
     removes. Exact dropdown matches win, a typed value matching nothing is refused, an error
     clears the previous result, re-explaining keeps the saved id, each opened record shows its
@@ -410,3 +419,4 @@ def test_records_forms_dropdowns_and_delete_in_a_real_browser(browser, served, t
     assert batch_table.locator('a[href^="javascript"]').count() == 0
     assert "onerror=alert(1)" in batch_table.inner_text()  # the name, as text
     page.close()
+    _no_server_errors(capfd)

@@ -493,13 +493,15 @@ def build_history_ui(service: PredictionService, exports: Path) -> tuple[Compone
         nothing closes. (Listening to ``.input`` instead raced: Gradio's Textbox sends an
         ``input`` event after every keydown, Enter included, which could arrive after Enter's
         own ``submit`` had opened the record and close it again.)"""
+        # (an empty dict is not "no change" to Gradio, but one output left as it is is)
+        unchanged = {ui["status"]: gr.skip()}
         if detail_id is None:  # nothing open (or just deleted: keep its status line)
-            return {}
+            return unchanged
         try:
             same = parse_prediction_id(prediction_id) == detail_id
         except gr.Error:
             same = False
-        return {} if same else {**closed(), ui["status"]: ""}
+        return unchanged if same else {**closed(), ui["status"]: ""}
 
     detail["pick_id"].change(
         box_changed,
