@@ -8,6 +8,7 @@ import csv
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,9 +67,17 @@ def test_two_app_servers_share_one_postgres_history(postgres_url, tiny_checkpoin
         for proc, url, log in zip(procs, urls, logs, strict=True):
             wait_until_serving(proc, url, log)
         clients = [Client(url, verbose=False) for url in urls]
+        # one client per worker thread and server, as ten users would have: a Client shared by
+        # threads multiplexes their events over one SSE stream, and once (CI, 2 loaded cores)
+        # the stream was closed as idle just as another thread's event joined it
+        # (gradio_client raised CancelledError)
+        users = threading.local()
 
         def predict(i: int) -> dict:
-            client = clients[i % 2]
+            mine = getattr(users, "clients", None)
+            if mine is None:
+                mine = users.clients = [Client(url, verbose=False) for url in urls]
+            client = mine[i % 2]
             *_, result = client.predict(
                 handle_file(str(EXAMPLE)), str(20 + i), "female", "back", api_name="/predict"
             )
