@@ -374,13 +374,17 @@ def stored_classes(session: Session) -> tuple[str, ...]:
     return tuple(sorted(str(c) for c in session.scalars(stmt)))
 
 
+def _storable_ids(session: Session, ids: list[int]) -> list[int]:
+    """The ids that could name a row (:func:`_storable_id`; others match none)."""
+    return [i for i in (_storable_id(session, i) for i in ids) if i is not None]
+
+
 def thumbnails(session: Session, ids: list[int]) -> dict[int, bytes | None]:
     """``{id: thumbnail}`` of the given rows (one query; a table's page of thumbnails)."""
     if not ids:
         return {}
     P = PredictionRecord
-    wanted = [i for i in (_storable_id(session, i) for i in ids) if i is not None]
-    stmt = select(P.id, P.thumbnail).where(P.id.in_(wanted))
+    stmt = select(P.id, P.thumbnail).where(P.id.in_(_storable_ids(session, ids)))
     return {int(i): t for i, t in session.execute(stmt)}
 
 
@@ -388,9 +392,8 @@ def existing_ids(session: Session, ids: list[int]) -> set[int]:
     """Which of these ids still have a row (one query)."""
     if not ids:
         return set()
-    P = PredictionRecord
-    wanted = [i for i in (_storable_id(session, i) for i in ids) if i is not None]
-    return {int(i) for i in session.scalars(select(P.id).where(P.id.in_(wanted)))}
+    stmt = select(PredictionRecord.id).where(PredictionRecord.id.in_(_storable_ids(session, ids)))
+    return {int(i) for i in session.scalars(stmt)}
 
 
 def get_prediction(session: Session, prediction_id: Any) -> PredictionRecord | None:
