@@ -280,8 +280,9 @@ def write_csv(
 ) -> Path:
     """The rows as a CSV file; ``records`` may be streamed a page at a time. A ``p_`` column
     per code in ``codes``: by default each class of HAM10000 and of every model loaded here
-    (:func:`known_codes`); pass :func:`csv_codes` of the same rows (a first streamed pass) when
-    they may come from models with other class sets, whose probabilities would else be left out.
+    (:func:`known_codes`); pass the rows' own codes when they may come from models with other
+    class sets, whose probabilities would else be left out (streamed rows:
+    :meth:`service.prediction.PredictionService.class_codes`; rows in memory: :func:`csv_codes`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

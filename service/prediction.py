@@ -17,12 +17,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from common.errors import DatabaseError, DermError
 from data_pipeline.request import PredictionRequest
+from data_pipeline.schema import known_codes
 from db.models import FILE_NAME_MAX, PredictionRecord, utcnow
 from db.queries import (
     HistoryFilter,
     as_filter,
     batch_members,
+    classes_by_model_version,
     confirm_prediction,
+    count_by_model_version,
     count_predictions,
     counts_per_class_per_day,
     existing_ids,
@@ -201,6 +204,19 @@ class PredictionService:
         """``{id: thumbnail JPEG}`` of the listed rows (for tables of long listings)."""
         with self._database().session() as session:
             return thumbnails(session, ids)
+
+    def class_codes(self, f: FilterLike = None) -> tuple[str, ...]:
+        """The class codes of the matching rows' models, for their ``p_`` columns: HAM10000's
+        and every loaded model's (:func:`known_codes`), then each matching model version's,
+        read from one of its rows (a row's classes are its model's), so a streamed export
+        knows its columns without reading the rows twice."""
+        with self._database().session() as session:
+            versions = list(count_by_model_version(session, as_filter(f)))
+            stored = classes_by_model_version(session, versions)
+        codes = dict.fromkeys(known_codes())
+        for v in versions:
+            codes.update(dict.fromkeys(stored[v]))
+        return tuple(codes)
 
     def existing(self, ids: list[int]) -> set[int]:
         """Which of these prediction ids are still stored (others were deleted, maybe by

@@ -113,10 +113,8 @@ def search_history(
         prune(exports)
         record_files(service).remove_deleted(service)  # deleted by another process meanwhile
         out = exports / f"dermfusion_history_{uuid.uuid4().hex[:8]}.csv"
-        # two streamed passes: the class codes of every matching row (rows of a model with
-        # other classes keep their p_ columns), then the rows
-        codes = history.csv_codes(_all_matching(service, f))
-        history.write_csv(_all_matching(service, f), out, codes)
+        # a p_ column per class of the matching rows' models (not only the loaded one's)
+        history.write_csv(_all_matching(service, f), out, service.class_codes(f))
         record_files(service).add_listing(str(out))
     now = datetime.now(UTC)
     if total == 0:
