@@ -388,12 +388,18 @@ def thumbnails(session: Session, ids: list[int]) -> dict[int, bytes | None]:
     return {int(i): t for i, t in session.execute(stmt)}
 
 
+_IN_CHUNK = 500  # ids per IN (...): far below SQLite's bound-parameter limit, one query per chunk
+
+
 def existing_ids(session: Session, ids: list[int]) -> set[int]:
-    """Which of these ids still have a row (one query)."""
-    if not ids:
-        return set()
-    stmt = select(PredictionRecord.id).where(PredictionRecord.id.in_(_storable_ids(session, ids)))
-    return {int(i) for i in session.scalars(stmt)}
+    """Which of these ids still have a row (one query per 500 ids: any number of ids works)."""
+    storable = _storable_ids(session, ids)
+    found: set[int] = set()
+    for start in range(0, len(storable), _IN_CHUNK):
+        chunk = storable[start : start + _IN_CHUNK]
+        stmt = select(PredictionRecord.id).where(PredictionRecord.id.in_(chunk))
+        found.update(int(i) for i in session.scalars(stmt))
+    return found
 
 
 def get_prediction(session: Session, prediction_id: Any) -> PredictionRecord | None:

@@ -23,6 +23,7 @@ from db.queries import (
     HistoryFilter,
     count_predictions,
     counts_per_class_per_day,
+    existing_ids,
     get_prediction,
     parse_date,
     query_predictions,
@@ -457,3 +458,14 @@ def test_listing_without_image_bytes(database: Database):
         (full,) = query_predictions(s)
         assert record_dict(full)["has_heatmap"] is True and full.thumbnail == b"\xff\xd8\x00jpeg"
         assert isinstance(full.thumbnail, bytes) and full.heatmap_png == make_row().heatmap_png
+
+
+def test_existing_ids_of_more_ids_than_one_query_binds(database: Database):
+    # The History tab asks which of every id it ever wrote files for still has a row; a long-lived
+    # registry can hold more ids than one statement binds (PostgreSQL: 65 535 parameters; older
+    # SQLite: 999), so the query goes in chunks.
+    kept = insert(database, *(make_row() for _ in range(3)))
+    asked = list(range(70_000, 0, -1))  # the three rows among 69 997 ids that have none
+    with database.session() as s:
+        assert existing_ids(s, asked) == set(kept)
+        assert existing_ids(s, []) == set()
