@@ -153,7 +153,9 @@ def isic2019(root: Path) -> Path:
         ],
     )
     for k, (i, _) in enumerate(rows):
-        img(root / "ISIC_2019_Training_Input" / f"{i}.jpg", k, "JPEG")
+        # some of the release's MSK images carry this suffix on disk
+        name = f"{i}_downsampled" if k == 3 else i
+        img(root / "ISIC_2019_Training_Input" / f"{name}.jpg", k, "JPEG")
     return root
 
 

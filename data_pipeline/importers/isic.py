@@ -155,6 +155,9 @@ def _sites(table: dict[str, str | None]) -> tuple:
     return dict_map(table), (lambda raw: clean(raw) in known)
 
 
+_DOWNSAMPLED = "_downsampled"
+
+
 @dataclass
 class _Release:
     """A challenge release split in parts (training, validation, test), as it is read: each
@@ -190,6 +193,16 @@ class _Release:
             return {}
         self.inputs.append(path)
         return read_csv(path, (key,)).drop_duplicates(key).set_index(key).to_dict("index")
+
+    def image(self, image_id: str) -> Path | None:
+        """The file of a ground-truth id. ISIC 2019's input folder holds some MSK images as
+        ``ISIC_xxxxxxx_downsampled.jpg``; an id given with or without that suffix finds it."""
+        base = image_id.removesuffix(_DOWNSAMPLED)
+        return (
+            self.images.get(image_id)
+            or self.images.get(base + _DOWNSAMPLED)
+            or self.images.get(base)
+        )
 
     def split_of(self, split: str) -> str:
         """A row's official split, recorded only when the folder holds more than one part."""
@@ -235,7 +248,7 @@ def read_isic2017(src: Path) -> Spec:
             release.rows.append(
                 Row(
                     image_id,
-                    release.images.get(image_id),
+                    release.image(image_id),
                     label,
                     age=m.get("age_approximate"),
                     sex=m.get("sex"),
@@ -315,7 +328,7 @@ def read_isic2018(src: Path) -> Spec:
                 release.rows.append(
                     Row(
                         image_id,
-                        release.images.get(image_id),
+                        release.image(image_id),
                         label,
                         lesion_id=lesions.get(image_id, ""),
                         split=release.split_of(split),
@@ -355,7 +368,7 @@ def read_isic2019(src: Path) -> Spec:
             release.rows.append(
                 Row(
                     image_id,
-                    release.images.get(image_id),
+                    release.image(image_id),
                     label,
                     lesion_id=m.get("lesion_id", ""),
                     age=m.get("age_approx"),
