@@ -113,18 +113,24 @@ def _describe(df: pd.DataFrame, folder: Path, role: str, name: str, classes: Cla
     )
 
 
+def _image_key(image_ids: pd.Series) -> pd.Series:
+    """Image ids compared across sources: ISIC 2019 names some ISIC images
+    ``ISIC_xxxxxxx_downsampled`` — the same image as ``ISIC_xxxxxxx`` of ISIC 2017 / 2018."""
+    return image_ids.astype(str).str.removesuffix("_downsampled")
+
+
 def _check_no_leak(df: pd.DataFrame) -> None:
     """Refuse image ids that would put a held-out image into training."""
-    train_ids = set(df.loc[df["split"] == "train", "image_id"])
+    train_ids = set(_image_key(df.loc[df["split"] == "train", "image_id"]))
     held = df[df["split"] != "train"]
-    leaked = held[held["image_id"].isin(train_ids)]
+    leaked = held[_image_key(held["image_id"]).isin(train_ids)]
     if not leaked.empty:
         row = leaked.iloc[0]
         raise DataError(
             f"image {row['image_id']!r} of {row['source']!r} ({row['split']}) is also a training "
             f"image; {len(leaked)} held-out image(s) would leak into training."
         )
-    dup = held["image_id"].duplicated(keep=False)
+    dup = _image_key(held["image_id"]).duplicated(keep=False)
     if dup.any():
         ids = held.loc[dup, "image_id"]
         raise DataError(f"image {ids.iloc[0]!r} appears in two held-out sets.")

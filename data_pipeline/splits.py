@@ -193,25 +193,28 @@ def primary_split(
 ) -> tuple[pd.DataFrame, str, Path]:
     """The train / val / test split of a primary training folder: ``(df+split, sha256, file)``.
 
-    * ``splits_path`` given and not the committed default: that file (made there if absent);
-    * else the folder's own ``split`` column (a publisher's official split): the file is the
-      folder's CSV, which holds the split file's columns — when the official split has no
-      validation part (ISIC 2019: training and test only), a grouped val part is carved out of
-      its training part and the result saved (:func:`folder_split_path`); its test part stays;
+    * the folder's own ``split`` column (a publisher's official split) always wins, whatever
+      ``splits_path`` says: the file is the folder's CSV, which holds the split file's columns.
+      When the official split has no validation part (ISIC 2019: training and test only), a
+      grouped val part is carved out of its training part and saved — at ``splits_path`` when
+      given, else :func:`folder_split_path`; its test part stays test;
+    * else ``splits_path`` when given and not the committed default (made there if absent);
     * else the committed HAM10000 split when it covers the folder (HAM10000 as today);
     * else a lesion- and patient-grouped split made for the folder and saved.
     """
-    default = splits_path is None or Path(splits_path).resolve() == DEFAULT_SPLITS.resolve()
-    own = default and "split" in df.columns
+    explicit = splits_path is not None and Path(splits_path).resolve() != DEFAULT_SPLITS.resolve()
+    own = "split" in df.columns
     if own and not (df["split"] == "train").any():
-        raise DataError(
-            f"{csv_path}: the official split has no train rows; pass --splits NEW.csv to have a "
-            "grouped split made for this folder."
-        )
+        if not explicit:
+            raise DataError(
+                f"{csv_path}: the official split has no train rows; pass --splits NEW.csv to "
+                "have a grouped split made for this folder."
+            )
+        own = False  # asked for: a new grouped split of a folder whose own cannot train
     if own and (df["split"] == "val").any():
         return df, file_sha256(csv_path), Path(csv_path)
-    path = DEFAULT_SPLITS if splits_path is None else Path(splits_path)
-    if own or (default and path.is_file() and not covers(df, load_splits(path))):
+    path = Path(splits_path) if explicit and splits_path is not None else DEFAULT_SPLITS
+    if not explicit and (own or (path.is_file() and not covers(df, load_splits(path)))):
         path = folder_split_path(data_dir, csv_path, seed)
     if not path.is_file():
         try:
@@ -220,7 +223,17 @@ def primary_split(
             raise DataError(
                 f"Cannot write the split file {path} ({exc.strerror}); pass --splits PATH."
             ) from None
-    return attach_splits(df, load_splits(path), str(path)), file_sha256(path), path
+    out = attach_splits(df, load_splits(path), str(path))
+    if own:  # a file given for a folder with an official split must keep its test part
+        official = df.set_index("image_id")["split"] == "test"
+        kept = out.set_index("image_id")["split"].reindex(official.index) == "test"
+        moved = official.index[official.to_numpy() != kept.to_numpy()]
+        if len(moved):
+            raise DataError(
+                f"{path} does not keep the folder's official test part (first: {moved[0]}); "
+                "pass --splits NEW.csv to have a val part carved from its train part."
+            )
+    return out, file_sha256(path), path
 
 
 def _carve_val(df: pd.DataFrame, seed: int, val_frac: float = 0.15) -> pd.DataFrame:

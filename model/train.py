@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -514,12 +515,18 @@ def train(cfg: TrainConfig) -> Path:
 
 def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -> Path:
     out = Path(cfg.out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Each rank its own augmentation / dropout stream; rank 0's is the single-process one.
     seed_everything(cfg.seed + info.rank)
-    data = prepare_data(cfg, out)
+    try:
+        data = prepare_data(cfg, out)
+    except BaseException:
+        if created and info.is_main:  # refused data (a leak, a bad folder): no empty run left
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     trainer = Trainer(cfg, data, device, info)
     state_path = out / "state.pt"
     progress = trainer.restore(state_path) if cfg.resume and state_path.is_file() else Progress()

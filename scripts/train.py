@@ -29,7 +29,9 @@ from model.train import TrainConfig, train
 #: Help text of every TrainConfig field exposed as a flag (a test checks none is missing).
 HELP: dict[str, str] = {
     "splits": "split CSV of the primary folder when it has no split column of its own (created "
-    "with --seed, lesion- and patient-grouped, if absent); its hash goes in the config",
+    "with --seed, lesion- and patient-grouped, if absent; default for such a folder: "
+    "splits/<folder>_<hash>_seed<N>.csv). A folder's official split always wins; one without a "
+    "val part gets it carved from its train part, saved here. Its hash goes in the config",
     "extra_train": "extra HAM-format folders used wholly for training (e.g. isic2017/train)",
     "external_val": "HAM-format folders scored every epoch and used for selection; never trained",
     "backbone": "timm backbone name (tf_efficientnet_lite0 has offline ImageNet weights)",

@@ -87,6 +87,29 @@ def test_external_image_that_also_trains_is_refused(three_sources):
     leaky = shutil.copytree(extra, extra.parent / "leaky")  # same images under another name
     with pytest.raises(DataError, match="would leak into training"):
         load_sources(ham, splits, [extra], [leaky])
+    # ISIC 2019 files some ISIC images as <id>_downsampled: still the same image
+    csv = leaky / "HAM10000_metadata.csv"
+    meta = pd.read_csv(csv)
+    meta["image_id"] = meta["image_id"] + "_downsampled"
+    meta.to_csv(csv, index=False)
+    for f in (leaky / "images").iterdir():
+        f.rename(f.with_name(f.stem + "_downsampled" + f.suffix))
+    with pytest.raises(DataError, match="would leak into training"):
+        load_sources(ham, splits, [extra], [leaky])
+    # training refuses it before anything is written: no empty run folder is left behind
+    from model.train import TrainConfig, train
+
+    run = extra.parent / "run"
+    cfg = TrainConfig(
+        data_dir=str(ham),
+        out=str(run),
+        splits=str(splits),
+        extra_train=(str(extra),),
+        external_val=(str(leaky),),
+    )
+    with pytest.raises(DataError, match="would leak into training"):
+        train(cfg)
+    assert not run.exists()
 
 
 def test_training_loader_holds_no_external_row(three_sources, tmp_path):

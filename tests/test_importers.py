@@ -19,7 +19,13 @@ from data_pipeline import splits as splits_module
 from data_pipeline.ham10000 import load_metadata
 from data_pipeline.importers import import_dataset
 from data_pipeline.sources import load_sources
-from data_pipeline.splits import DEFAULT_SPLITS, lesions_crossing_splits, split_groups
+from data_pipeline.splits import (
+    DEFAULT_SPLITS,
+    lesions_crossing_splits,
+    load_splits,
+    save_splits,
+    split_groups,
+)
 
 HAM_COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
 
@@ -635,3 +641,28 @@ def test_inspect_data_shows_the_official_split(tmp_path):
     run(derm7pt(tmp_path / "src"), "derm7pt", tmp_path / "d7")
     df, source = choose_splits(load_metadata(tmp_path / "d7"), None, 42)
     assert "official split" in source and list(df["split"]) == ["train", "train", "val", "test"]
+
+
+def test_an_explicit_split_file_keeps_the_official_split(tmp_path, monkeypatch):
+    # --splits names where a carved val part is saved; it never re-splits an official test part
+    # into training (a user keeping split files out of the repository must not leak test rows).
+    monkeypatch.setattr(splits_module, "REPO_ROOT", tmp_path / "repo")
+    folder = clinic(tmp_path, "trtest", official=True)
+    mine = tmp_path / "elsewhere" / "split.csv"
+    table, sources, _ = load_sources(folder, mine)
+    official = load_metadata(folder).set_index("image_id")["split"]
+    got = table.set_index("image_id")["split"]
+    assert (got[official == "test"] == "test").all() and (got[official != "test"] != "test").all()
+    assert Path(sources[0].split_file) == mine and mine.is_file()
+    assert not (tmp_path / "repo" / "splits").exists()
+    # a file that moves official test rows into training is refused, in one line
+    bad = load_splits(mine).assign(split="train")
+    bad.loc[bad.index[:5], "split"] = "val"
+    save_splits(bad, tmp_path / "bad.csv")
+    with pytest.raises(DataError, match="official test part"):
+        load_sources(folder, tmp_path / "bad.csv")
+    # a folder with an official val part uses its own split whatever --splits says
+    run(derm7pt(tmp_path / "src"), "derm7pt", tmp_path / "d7")
+    table, sources, _ = load_sources(tmp_path / "d7", tmp_path / "unused.csv")
+    assert list(table["split"]) == ["train", "train", "val", "test"]
+    assert not (tmp_path / "unused.csv").exists()
