@@ -187,8 +187,17 @@ _LOADED: dict[str, ClassSet] = {}
 _STORED: dict[str, None] = {}
 
 
-def remember_classes(model_version: str, classes: ClassSet) -> None:
-    """Record a loaded model's class set so its stored rows show its names."""
+def remember_classes(model_version: str, classes: ClassSet, *, stored: bool = False) -> None:
+    """Record a loaded model's class set so its stored rows show its names. ``stored``: a class
+    set read from a history database (``model_classes``): kept where a loaded model's is, and
+    ranked behind the loaded models for a code without a model version."""
+    if stored:
+        if model_version not in _LOADED:
+            rest = dict(_LOADED)
+            _LOADED.clear()
+            _LOADED[model_version] = classes
+            _LOADED.update(rest)
+        return
     _LOADED.pop(model_version, None)
     _LOADED[model_version] = classes  # most recent last
 

@@ -193,12 +193,26 @@ def _provenance(conn: Connection) -> None:
     Index("ix_predictions_batch_id", table.c.batch_id).create(conn)
 
 
+# --- migration 5: each model version's class set (names and malignancy of stored codes) ------
+
+
+def _model_classes(conn: Connection) -> None:
+    Table(
+        "model_classes",
+        MetaData(),
+        Column("model_version", String(160), primary_key=True),
+        Column("classes", JSON, nullable=False),
+        Column("created_at", DateTime(), nullable=False),
+    ).create(conn)
+
+
 #: The ordered list of migrations; append only.
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema: predictions", _initial_schema),
     Migration(2, "confirmed diagnosis: dx, source, note, time", _confirmed_diagnosis),
     Migration(3, "ids never reused (SQLite AUTOINCREMENT)", _never_reuse_ids),
     Migration(4, "file name, batch id and written files of each prediction", _provenance),
+    Migration(5, "class set of each model version that stored rows", _model_classes),
 ]
 
 

@@ -139,3 +139,18 @@ class PredictionRecord(Base):
         """True for a column left out of the query (see ``query_predictions(images=False)``)."""
         state = sa_inspect(self)
         return bool(state.has_identity and name in state.unloaded)
+
+
+class ModelClassesRecord(Base):
+    """The class set of each model version that stored rows (table ``model_classes``,
+    migration 5). A row keeps only its model's class codes (its probabilities' keys); the
+    display names and which classes are malignant come from here, so a history opened without
+    that model (``scripts.query_history``, another server) still shows "Common nevus", not
+    "cn", and accepts its codes in filters and confirmed diagnoses."""
+
+    __tablename__ = "model_classes"
+
+    model_version: Mapped[str] = mapped_column(String(160), primary_key=True)
+    #: :meth:`data_pipeline.schema.ClassSet.to_dict`: ``{codes, names, malignant}``.
+    classes: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -19,12 +19,22 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from common.errors import DermError
 from common.text import clip, echo
-from data_pipeline.schema import known_codes, normalize_age, normalize_sex, normalize_site
+from data_pipeline.schema import (
+    ClassSet,
+    ClassSetError,
+    known_codes,
+    normalize_age,
+    normalize_sex,
+    normalize_site,
+    remember_classes,
+    remember_codes,
+)
 from db.models import (
     BATCH_ID_MAX,
     CONFIRM_SOURCES,
     NOTE_MAX,
     OTHER,
+    ModelClassesRecord,
     PredictionRecord,
     as_utc,
     utcnow,
@@ -368,10 +378,48 @@ def classes_by_model_version(session: Session, versions: list[str]) -> dict[str,
     return out
 
 
+def record_model_classes(session: Session, model_version: str, classes: dict[str, Any]) -> None:
+    """Store a model version's class set (:meth:`ClassSet.to_dict`) unless it is stored already
+    (a version's classes never change: its weights hash is part of it)."""
+    if session.get(ModelClassesRecord, model_version) is None:
+        session.add(ModelClassesRecord(model_version=model_version, classes=classes))
+
+
+def model_class_sets(session: Session) -> dict[str, ClassSet]:
+    """``{model version: class set}`` of the ``model_classes`` table (malformed entries, which
+    only a hand-edited database holds, are left out)."""
+    M = ModelClassesRecord
+    out = {}
+    for version, d in session.execute(select(M.model_version, M.classes)):
+        try:
+            out[str(version)] = ClassSet.from_dict(d)
+        except ClassSetError:
+            continue
+    return out
+
+
 def stored_classes(session: Session) -> tuple[str, ...]:
-    """The top classes stored rows hold (their models' class codes), sorted."""
-    stmt = select(PredictionRecord.predicted_class).distinct()
-    return tuple(sorted(str(c) for c in session.scalars(stmt)))
+    """Every class code the stored rows' models have, sorted: their ``model_classes`` entries,
+    else (rows stored before migration 5) one row's probabilities per model version, and the
+    stored top classes."""
+    sets = model_class_sets(session)
+    codes = {c for classes in sets.values() for c in classes.codes}
+    versions = session.scalars(select(PredictionRecord.model_version).distinct())
+    older = [str(v) for v in versions if str(v) not in sets]
+    codes.update(c for found in classes_by_model_version(session, older).values() for c in found)
+    codes.update(
+        str(c) for c in session.scalars(select(PredictionRecord.predicted_class).distinct())
+    )
+    return tuple(sorted(codes))
+
+
+def remember_stored_classes(session: Session) -> None:
+    """Make the class sets and codes this database holds known to this process: stored rows of
+    models not loaded here show their models' names, and filters and confirmed diagnoses accept
+    their codes."""
+    for version, classes in model_class_sets(session).items():
+        remember_classes(version, classes, stored=True)
+    remember_codes(stored_classes(session))
 
 
 def _storable_ids(session: Session, ids: list[int]) -> list[int]:

@@ -30,7 +30,7 @@ import sys
 from common.cli import run_cli
 from common.errors import DatabaseError, DermError
 from common.text import DISCLAIMER
-from data_pipeline.schema import CLASSES, remember_codes
+from data_pipeline.schema import CLASSES
 from db.models import CONFIRM_SOURCES
 from db.queries import (
     HistoryFilter,
@@ -40,7 +40,7 @@ from db.queries import (
     counts_per_class_per_day,
     get_prediction,
     query_predictions,
-    stored_classes,
+    remember_stored_classes,
 )
 from db.session import Database, resolve_db_url, sqlite_path
 from service.agreement import (
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     db = open_existing(args.db)
     try:
         with db.session() as session:  # a row's classes are its model's: accept those stored
-            remember_codes(stored_classes(session))
+            remember_stored_classes(session)
         # with --confirm, --dx is the confirmed diagnosis, not a filter
         f = history_filter(args) if args.confirm is None else HistoryFilter()
         if args.confirm is not None:

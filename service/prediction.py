@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from common.errors import DatabaseError, DermError
 from data_pipeline.request import PredictionRequest
@@ -32,6 +32,8 @@ from db.queries import (
     get_prediction,
     normalize_batch_id,
     query_predictions,
+    record_model_classes,
+    remember_stored_classes,
     thumbnails,
 )
 from db.session import Database, error_reason
@@ -82,6 +84,13 @@ class PredictionService:
         self.predictor = predictor
         self.db = db
         self.store_images = store_images
+        self._recorded: set[str] = set()  # model versions whose class set the database holds
+        if db is not None:
+            try:  # rows of models not loaded here show their names; their codes are accepted
+                with db.session() as session:
+                    remember_stored_classes(session)
+            except (SQLAlchemyError, DatabaseError):
+                pass  # an unreadable database says so on its first use
 
     @classmethod
     def create(
@@ -121,6 +130,7 @@ class PredictionService:
         if self.db is None:
             return StoredPrediction(id=None, prediction=pred, stored=False)
 
+        self._record_classes(pred)
         record = self._record(pred, request)
         record.batch_id = normalize_batch_id(batch_id)
         record.output_files = [str(f) for f in output_files] if output_files else None
@@ -136,6 +146,22 @@ class PredictionService:
                 prediction=pred,
             ) from exc
         return StoredPrediction(id=row_id, prediction=pred, stored=True)
+
+    def _record_classes(self, pred: Prediction) -> None:
+        """Store the answering model's class set once per version (table ``model_classes``), in
+        its own transaction: two servers storing it at once is an IntegrityError for one of
+        them, which must never fail a prediction's store."""
+        version = pred.model_version
+        if self.db is None or version in self._recorded:
+            return
+        try:
+            with self.db.session(write=True) as session:
+                record_model_classes(session, version, pred.classes.to_dict())
+        except IntegrityError:
+            pass  # another process stored it meanwhile
+        except (SQLAlchemyError, DatabaseError):
+            return  # the row's own store reports what is wrong with the database
+        self._recorded.add(version)
 
     def explain(self, request: PredictionRequest, *, tta: bool = False) -> Prediction:
         """Predict with explanations without storing anything: re-explaining a result for

@@ -235,6 +235,21 @@ def test_predictor_serves_and_history_stores_its_classes(ph2_run, tmp_path: Path
     assert "p_cnv" in header and "p_anv" in header and line.startswith(f"{row.id},")
     assert run_cli(query_history.main, ["--db", url, "--agreement"]) == 0
     assert "confirmed  cnv  anv  mel  total" in capsys.readouterr().out
+    # the database carries the model's class set (model_classes): without the model the CLI
+    # still shows its names and accepts every one of its codes, not only stored top classes
+    assert run_cli(query_history.main, ["--db", url, "--id", str(row.id), "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["predicted_class_name"] == PH2.name(row.predicted_class) != row.predicted_class
+    other = next(c for c in PH2.codes if c != row.predicted_class)
+    assert run_cli(query_history.main, ["--db", url, "--dx", other, "--format", "csv"]) == 0
+    argv = ["--db", url, "--confirm", str(row.id), "--dx", other, "--confirm-source", "clinician"]
+    assert run_cli(query_history.main, argv) == 0
+    schema._LOADED.clear()
+    schema._STORED.clear()
+    with Database(url).session() as session:
+        from db.queries import model_class_sets
+
+        assert model_class_sets(session) == {row.model_version: PH2}
 
 
 @pytest.mark.slow
