@@ -148,8 +148,15 @@ def load_metadata(
     if bad_dx.any():
         i = int(bad_dx.to_numpy().nonzero()[0][0])
         hint = ""
-        if cs == HAM7 and declared_classes(data_dir) is None:
+        own = declared_classes(data_dir)
+        if cs == HAM7 and own is None:
             hint = f"; another class set needs a {MANIFEST_FILENAME} 'classes' list"
+        elif classes is not None and own is not None and set(own.codes) != set(cs.codes):
+            hint = (
+                f"; the folder's own classes are {', '.join(own.codes)} ({MANIFEST_FILENAME}): "
+                "use a model trained on them"
+                + (", or import the data again with --classes ham7" if cs == HAM7 else "")
+            )
         raise DataError(
             f"{csv}, line {_csv_line(i)}: unknown dx {df['dx'].iloc[i]!r} "
             f"(expected one of {', '.join(cs.codes)}); {int(bad_dx.sum())} row(s) affected"

@@ -39,7 +39,8 @@ def _one_fold(labels: np.ndarray, groups: np.ndarray, frac: float, seed: int) ->
     n_splits = max(2, round(1.0 / frac))
     if len(np.unique(groups)) < n_splits:
         raise DataError(
-            f"Only {len(np.unique(groups))} lesions: too few to hold out {frac:.0%} of them."
+            f"Only {len(np.unique(groups))} independent groups (lesions, joined where one patient "
+            f"has several): too few to hold out {frac:.0%} of them."
         )
     try:
         sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)

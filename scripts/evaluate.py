@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{m['model_version']} (split {m['split']}, tta={m['tta']}, runtime {m['runtime']})")
     for name, sub in m.get("by_source", {}).items():
         print_report(sub, f"[{name}]")
-    print_report(m, "[all rows]")
+    scored = "whole folder" if m["split"] == "all" else f"{m['split']} part"
+    print_report(m, f"[all sources, {scored}]" if m.get("by_source") else f"[{scored}]")
     if "intervals" in m:
         print_intervals(m["intervals"])
     if "subgroups" in m:

@@ -131,6 +131,10 @@ def test_folder_without_manifest_and_unknown_dx(tmp_path: Path):
         load_metadata(bare)
     df = load_metadata(bare, classes=PH2)
     assert df["label"].tolist() == [PH2.index(d) for d in df["dx"]]
+    # a native import scored by a HAM10000 model: the error names the folder's own classes
+    native = write_folder(tmp_path / "native", PH2, per_class=2)
+    with pytest.raises(DataError, match=r"own classes are cnv, anv, mel.*--classes ham7"):
+        load_metadata(native, classes=HAM7)
 
 
 def test_inspect_data_reports_the_folders_classes(tmp_path: Path, capsys):

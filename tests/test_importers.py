@@ -127,7 +127,9 @@ def test_isic2018_one_hot_and_lesion_groupings(tmp_path):
         img(src / "ISIC2018_Task3_Training_Input" / f"{i}.jpg", k, "JPEG")
     manifest, df = run(src, "isic2018", tmp_path / "out")
     assert list(df["dx"]) == ["nv", "akiec", "vasc"] and set(df["lesion_id"]) == {"HAM_1"}
+    assert set(df["dx_type"]) == {"histo"}  # diagnosis_confirm_type, in HAM10000's words
     assert "split" not in df.columns  # one part only: no official split to keep
+    assert any("only the Training part" in n for n in manifest["notes"])
     assert manifest["dropped"]["total"] == 1
     assert "not one-hot" in next(iter(manifest["dropped"]["reasons"]))
 
@@ -260,6 +262,8 @@ def test_isic_archive_old_and_hierarchical_columns(tmp_path):
         ("ISIC_B1", mel, ("Head and neck", "Head", "Face")),
         ("ISIC_B2", seb, ("Trunk", "Posterior trunk", "Upper back")),
         ("ISIC_B3", cyst, ("Lower extremity", "Buttock", "")),
+        # a hierarchical site with no mapping: the row's general site is used instead
+        ("ISIC_B4", seb, ("Torso of sorts", "", "")),
     ]
     write_csv(
         new / "metadata.csv",
@@ -268,6 +272,7 @@ def test_isic_archive_old_and_hierarchical_columns(tmp_path):
                 "isic_id": i,
                 **{f"diagnosis_{n + 1}": v for n, v in enumerate(d)},
                 **{f"anatom_site_{n + 1}": v for n, v in enumerate(s)},
+                "anatom_site_general": "posterior torso" if i == "ISIC_B4" else "",
                 "image_type": "dermoscopic",
             }
             for i, d, s in rows
@@ -276,11 +281,13 @@ def test_isic_archive_old_and_hierarchical_columns(tmp_path):
     for k, (i, _, _) in enumerate(rows):
         img(new / f"{i}.jpg", k, "JPEG")
     manifest, df = run(new, "isic-archive", tmp_path / "new_out")
-    assert list(df["dx"]) == ["mel", "bkl"] and list(df["localization"]) == ["face", "back"]
+    assert list(df["dx"]) == ["mel", "bkl", "bkl"]
+    assert list(df["localization"]) == ["face", "back", "back"]
     assert df["source_label"].iloc[0] == "::".join(mel)
     manifest, df = run(new, "isic-archive", tmp_path / "native_out", classes="native")
     classes = {c["code"]: (c["name"], c["malignant"]) for c in manifest["classes"]}
-    assert classes["melanoma"] == ("Melanoma in situ", True) and len(classes) == 3
+    assert classes["mel_is"] == ("Melanoma in situ", True) and len(classes) == 3
+    assert classes["sk"] == ("Seborrheic keratosis", False)
 
 
 def derm7pt(root: Path) -> Path:
@@ -322,6 +329,10 @@ def test_derm7pt_keeps_official_split_and_records_mappings(tmp_path):
     assert manifest["label_mapping"]["melanosis"] is None
     assert manifest["dropped"]["reasons"] == {"label 'melanosis': no ham7 class (excluded)": 1}
     assert manifest["unmapped_sites"] == {"posterior torso": 1}
+    # the folder the release zip unpacks into, with release_v0/ inside, is read the same way
+    derm7pt(tmp_path / "download" / "release_v0")
+    again, df2 = run(tmp_path / "download", "derm7pt", tmp_path / "out2")
+    assert list(df2["dx"]) == list(df["dx"]) and again["counts"] == manifest["counts"]
     assert list(df["localization"]) == ["back", "unknown", "unknown", "lower extremity"]
     assert manifest["counts"]["by_split"]["train"] == {
         "total": 2,

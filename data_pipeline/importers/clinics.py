@@ -111,6 +111,10 @@ def _label_maps(table: Mapping[str, tuple[str, str, bool, str | None]]) -> dict[
 
 
 def read_derm7pt(src: Path) -> Spec:
+    if not (src / "meta").is_dir():  # the folder the release zip unpacks into: release_v0/ inside
+        inner = sorted(p.parent.parent for p in src.glob("*/meta/meta.csv"))
+        if len(inner) == 1:
+            src = inner[0]
     meta_path = src / "meta" / "meta.csv"
     if not meta_path.is_file():
         raise DataError(f"{src}: missing meta/meta.csv (the derm7pt release folder has meta/).")

@@ -66,11 +66,23 @@ HAM7_CLASSES: tuple[ClassInfo, ...] = tuple(
 )
 
 
-def short_code(text: str, taken: set[str]) -> str:
+def short_code(text: str, taken: set[str], preferred: Mapping[str, str] | None = None) -> str:
     """A class code the class set accepts (1-8 of a-z, 0-9, _) for a native class name,
-    distinct from ``taken``."""
+    distinct from ``taken``: ``preferred[name]`` when given and free, else the name itself when
+    short enough, else its first word cut short plus the initials of the others
+    (``Melanoma in situ`` → ``melan_is``, ``Melanoma invasive`` → ``melano_i``), so that
+    names sharing a first word stay told apart."""
     slug = re.sub(r"[^a-z0-9]+", "_", clean(text)).strip("_") or "class"
-    code = slug[:8].rstrip("_")
+    words = slug.split("_")
+    wanted = (preferred or {}).get(clean(text), "")
+    if wanted and wanted not in taken and re.fullmatch(r"[a-z0-9_]{1,8}", wanted):
+        taken.add(wanted)
+        return wanted
+    if len(slug) <= 8 or len(words) == 1:
+        code = slug[:8].rstrip("_")
+    else:
+        tail = "".join(w[0] for w in words[1:])[:4]
+        code = f"{words[0][: 7 - len(tail)]}_{tail}"
     n = 1
     while code in taken:
         n += 1
@@ -95,6 +107,31 @@ class Row:
     fitzpatrick: Any = None
     #: the native class code when the publisher's native class is not a function of ``label``
     native: str | None = None
+    #: how the diagnosis was confirmed, as published (``diagnosis_confirm_type``); blank: the
+    #: ``dx_type`` column holds the source format
+    confirm_type: Any = None
+
+
+#: HAM10000's ``dx_type`` words for the ISIC ``diagnosis_confirm_type`` values.
+CONFIRM_TYPES: dict[str, str] = {
+    "histopathology": "histo",
+    "histo": "histo",
+    "serial imaging showing no change": "follow_up",
+    "follow up": "follow_up",
+    "single image expert consensus": "consensus",
+    "consensus": "consensus",
+    "confocal microscopy with consensus dermoscopy": "confocal",
+    "confocal": "confocal",
+}
+
+
+def dx_type(row: Row, source_format: str) -> str:
+    """The ``dx_type`` of a row: HAM10000's word for its published confirmation type, the
+    published value itself when it has none, else the source format."""
+    raw = clean(row.confirm_type)
+    if not raw:
+        return source_format
+    return CONFIRM_TYPES.get(raw, re.sub(r"[^a-z0-9]+", "_", raw).strip("_")[:32])
 
 
 LabelMap = Callable[[str], str | None]
@@ -274,7 +311,7 @@ def map_rows(spec: Spec, class_set: str, source_format: str) -> Mapped:
                 "lesion_id": (row.lesion_id or "").strip() or image_id,
                 "image_id": image_id,
                 "dx": code,
-                "dx_type": source_format,
+                "dx_type": dx_type(row, source_format),
                 "age": meta.age,
                 "sex": meta.sex,
                 "localization": site,

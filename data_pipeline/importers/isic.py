@@ -83,8 +83,12 @@ ARCHIVE_SITE_TERMS: dict[str, str | None] = {
     "posterior trunk": "back",
     "anterior chest": "chest",
     "lateral chest": "chest",
+    "chest": "chest",
     "anterior abdomen": "abdomen",
     "lateral abdomen": "abdomen",
+    "abdomen": "abdomen",
+    "upper back": "back",
+    "lower back": "back",
     "upper extremity": "upper extremity",
     "hand": "hand",
     "palm of hand": "acral",
@@ -148,6 +152,37 @@ HIERARCHY_HAM7: dict[str, str | None] = {
     "atypical intraepithelial melanocytic proliferation": None,
 }
 HIERARCHY_SEP = "::"
+#: Native class codes of common Archive diagnoses (the usual abbreviations); any other
+#: diagnosis gets :func:`short_code`'s.
+ARCHIVE_CODES: dict[str, str] = {
+    "nevus": "nv",
+    "melanoma": "mel",
+    "melanoma, nos": "mel",
+    "melanoma in situ": "mel_is",
+    "melanoma invasive": "mel_inv",
+    "melanoma metastasis": "mel_met",
+    "basal cell carcinoma": "bcc",
+    "actinic keratosis": "ak",
+    "solar or actinic keratosis": "ak",
+    "squamous cell carcinoma": "scc",
+    "squamous cell carcinoma, nos": "scc",
+    "squamous cell carcinoma in situ": "scc_is",
+    "squamous cell carcinoma, invasive": "scc_inv",
+    "seborrheic keratosis": "sk",
+    "pigmented benign keratosis": "pbk",
+    "solar lentigo": "sl",
+    "lentigo nos": "lentigo",
+    "lichenoid keratosis": "lplk",
+    "lichen planus like keratosis": "lplk",
+    "dermatofibroma": "df",
+    "vascular lesion": "vasc",
+    "hemangioma": "hemang",
+    "angioma": "angioma",
+    "angiokeratoma": "angiok",
+    "pyogenic granuloma": "pyog_gr",
+    "atypical melanocytic neoplasm": "amn",
+    "atypical melanocytic proliferation": "amp",
+}
 
 
 def _sites(table: dict[str, str | None]) -> tuple:
@@ -182,7 +217,18 @@ class _Release:
                 found[split] = path
         if not found:
             raise DataError(f"{src}: no {pattern.format(part='*')} found ({what}).")
-        return cls(src, found, index_images(src))
+        release = cls(src, found, index_images(src))
+        names = {split: part for part, split in reversed(parts.items())}
+        missing = [
+            pattern.format(part=names[s]) for s in dict.fromkeys(parts.values()) if s not in found
+        ]
+        if missing:
+            have = " and ".join(names[s] for s in found)
+            release.notes.append(
+                f"only the {have} part{'s' if len(found) > 1 else ''} found (no "
+                f"{', '.join(missing)})" + ("" if len(found) > 1 else ": no official split is kept")
+            )
+        return release
 
     def metadata(self, name: str, key: str, fields: str) -> dict[str, dict]:
         """{image id: metadata row} of a part's metadata CSV; a part downloaded without it is
@@ -306,6 +352,7 @@ def read_isic2018(src: Path) -> Spec:
     )
     groups_path = find_optional(src, ["ISIC2018_Task3_Training_LesionGroupings.csv"])
     lesions: dict[str, str] = {}
+    confirm: dict[str, str] = {}
     release.inputs.extend(release.parts.values())
     release.notes.extend(
         [
@@ -318,6 +365,8 @@ def read_isic2018(src: Path) -> Spec:
         release.inputs.append(groups_path)
         g = read_csv(groups_path, ("image", "lesion_id"))
         lesions = dict(zip(g["image"], g["lesion_id"], strict=True))
+        if "diagnosis_confirm_type" in g.columns:
+            confirm = dict(zip(g["image"], g["diagnosis_confirm_type"], strict=True))
     elif "train" in release.parts:
         release.notes.append("no ISIC2018_Task3_Training_LesionGroupings.csv: lesion_id = image_id")
     for split, gt_path in release.parts.items():
@@ -332,6 +381,7 @@ def read_isic2018(src: Path) -> Spec:
                         label,
                         lesion_id=lesions.get(image_id, ""),
                         split=release.split_of(split),
+                        confirm_type=confirm.get(image_id),
                     )
                 )
     return _one_hot_spec(
@@ -517,6 +567,17 @@ def read_isic_archive(src: Path) -> Spec:
             f"{csv_path}: missing column 'diagnosis' (or the hierarchical diagnosis_1..5)."
         )
     images = index_images(src)
+
+    def site_of(raw: str) -> str | None:
+        if ":" in raw or clean(raw) in {clean(k) for k in ARCHIVE_SITE_TERMS}:
+            return _deepest(raw, ARCHIVE_SITE_TERMS, ":", skip_first=False) or None
+        return dict_map(ISIC_SITES)(raw)
+
+    def known(raw: str) -> bool:
+        if ":" in raw or clean(raw) in {clean(k) for k in ARCHIVE_SITE_TERMS}:
+            return _deepest(raw, ARCHIVE_SITE_TERMS, ":", skip_first=False) is not None
+        return clean(raw) in {clean(k) for k in ISIC_SITES}
+
     rows: list[Row] = []
     native_names: dict[str, tuple[str, bool]] = {}
     codes: dict[str, str] = {}
@@ -533,11 +594,13 @@ def read_isic_archive(src: Path) -> Spec:
             native_name = label
             malignant = clean(r.get("benign_malignant")) == "malignant"
         site_path = _hierarchy(r, "anatom_site", 5, ":")
-        site = site_path or str(r.get("anatom_site_general", "") or "")
+        general = str(r.get("anatom_site_general", "") or "")
+        # the hierarchical site when it maps, else the same row's general site when it has one
+        site = site_path if site_path and (known(site_path) or blank(general)) else general
         code = ""
         if native_name and not blank(native_name):
             if clean(native_name) not in codes:
-                codes[clean(native_name)] = short_code(native_name, taken)
+                codes[clean(native_name)] = short_code(native_name, taken, ARCHIVE_CODES)
             code = codes[clean(native_name)]
             name, was = native_names.get(code, (native_name, False))
             native_names[code] = (name, was or malignant)
@@ -555,6 +618,7 @@ def read_isic_archive(src: Path) -> Spec:
                 site=site,
                 fitzpatrick=r.get("fitzpatrick_skin_type"),
                 native=code,
+                confirm_type=r.get("diagnosis_confirm_type"),
             )
         )
 
@@ -562,16 +626,6 @@ def read_isic_archive(src: Path) -> Spec:
         if hierarchical:
             return _deepest(label, HIERARCHY_HAM7, HIERARCHY_SEP, skip_first=True) or None
         return dict_map(DIAGNOSIS_HAM7)(label)
-
-    def site_of(raw: str) -> str | None:
-        if ":" in raw or clean(raw) in {clean(k) for k in ARCHIVE_SITE_TERMS}:
-            return _deepest(raw, ARCHIVE_SITE_TERMS, ":", skip_first=False) or None
-        return dict_map(ISIC_SITES)(raw)
-
-    def known(raw: str) -> bool:
-        if ":" in raw or clean(raw) in {clean(k) for k in ARCHIVE_SITE_TERMS}:
-            return _deepest(raw, ARCHIVE_SITE_TERMS, ":", skip_first=False) is not None
-        return clean(raw) in {clean(k) for k in ISIC_SITES}
 
     notes = [
         f"{'hierarchical diagnosis_1..5' if hierarchical else 'older diagnosis'} columns; the "
