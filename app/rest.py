@@ -57,6 +57,20 @@ API_PREFIX = "/api/v1"
 DRAINING_MESSAGE = "The server is shutting down; try again in a moment."
 #: Rows one listing page may hold.
 PAGE_LIMIT = 1000
+#: The history filters the list and CSV endpoints take (:class:`db.queries.HistoryFilter`).
+_FILTER_PARAMS = (
+    "since",
+    "until",
+    "classes",
+    "min_prob",
+    "max_prob",
+    "sex",
+    "site",
+    "age_min",
+    "age_max",
+    "model_version",
+    "confirmed",
+)
 #: Largest row id any backend holds (SQLite's 64-bit INTEGER).
 MAX_ID = 2**63 - 1
 #: Bytes of multipart framing allowed on top of the largest upload.
@@ -312,6 +326,7 @@ class RestApi:
 
         @api.post("/predict", summary="Predict, explain and store one image")
         async def predict(
+            request: Request,
             user: User,
             image: Annotated[UploadFile, File(description="JPEG / PNG dermoscopy image")],
             age: Annotated[str | None, Form(description="years, blank: unknown")] = None,
@@ -319,6 +334,13 @@ class RestApi:
             site: Annotated[str | None, Form(description="body site, e.g. back")] = None,
             target: Annotated[str | None, Form(description="class to explain")] = None,
         ) -> dict[str, Any]:
+            form = await request.form()
+            unknown = sorted(set(form) - {"image", "age", "sex", "site", "target"})
+            if unknown:
+                raise ApiError(
+                    422,
+                    f"Unknown form field {unknown[0]!r}: expected image, age, sex, site, target.",
+                )
             limit = self.settings.max_file_size  # (larger bodies: refused by UploadLimit)
             data = await image.read()
             if len(data) > limit:
@@ -330,6 +352,7 @@ class RestApi:
                 )
 
         def history_filter(
+            request: Request,
             since: Annotated[str | None, Query(description="YYYY-MM-DD (UTC)")] = None,
             until: Annotated[str | None, Query(description="YYYY-MM-DD, inclusive")] = None,
             classes: Annotated[list[str] | None, Query(description="top class codes")] = None,
@@ -342,6 +365,15 @@ class RestApi:
             model_version: Annotated[str | None, Query()] = None,
             confirmed: Annotated[bool | None, Query()] = None,
         ) -> HistoryFilter:
+            # a misspelt filter (``?dx=mel``) must not silently list every row
+            known = {*_FILTER_PARAMS, "limit", "offset"}
+            unknown = sorted(set(request.query_params) - known)
+            if unknown:
+                raise ApiError(
+                    422,
+                    f"Unknown query parameter {unknown[0]!r}: expected one of "
+                    f"{', '.join(sorted(known))}.",
+                )
             # strings as typed: HistoryFilter parses and checks them (the UI's and CLI's rules)
             fields: dict[str, Any] = {
                 "since": since,

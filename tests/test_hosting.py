@@ -340,6 +340,12 @@ def test_rest_errors_are_one_line_json(served, tmp_path):
     assert huge.status_code == 422 and "\n" not in huge.json()["error"]
     missing = httpx.post(f"{url}/api/v1/predict", auth=AUTH, data={"age": "3"})
     assert missing.status_code == 422 and "image" in missing.json()["error"]
+    # a misspelt filter or field is refused, never silently ignored (?dx= listed every row)
+    for path in ("predictions", "predictions.csv"):
+        typo = httpx.get(f"{url}/api/v1/{path}", params={"dx": "mel"}, auth=AUTH)
+        assert typo.status_code == 422 and "Unknown query parameter 'dx'" in typo.json()["error"]
+    extra = _predict(url, sexe="male")
+    assert extra.status_code == 422 and "Unknown form field 'sexe'" in extra.json()["error"]
     assert server.service.count() == before  # nothing half-stored
 
 
