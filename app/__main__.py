@@ -110,6 +110,7 @@ def launch(
     throttle ride on it: one server). Gradio 6 catches a failed share tunnel itself (prints
     "Could not create share link" and serves locally); older / newer versions may raise
     instead, so both are handled here."""
+    from app.ui.common import EXAMPLES_DIR
     from app.ui.demo import CSS
 
     for warning in exposure_warnings(host, share, auth):
@@ -127,6 +128,10 @@ def launch(
         # Gradio stops reading an upload past this and answers 413 "File size exceeded maximum
         # allowed size of N bytes." (the browser checks it before uploading, too)
         "max_file_size": max_file_size,
+        # the Analyse tab's example gallery loads its images into the form from the package:
+        # Gradio serves only the working directory and temp files unless told (the app is
+        # started from anywhere; in the container from /data)
+        "allowed_paths": [str(EXAMPLES_DIR)],
     }
     if root_path:
         kwargs["root_path"] = root_path

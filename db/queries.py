@@ -492,6 +492,10 @@ def normalize_confirmation(dx: Any, source: Any, note: Any = None) -> tuple[str,
     src = {"follow up": "follow-up", "followup": "follow-up", "consensus": "expert consensus"}.get(
         src, src
     )
+    if not src:
+        raise DermError(
+            f"No confirmation source: say who confirmed it, one of {', '.join(CONFIRM_SOURCES)}."
+        )
     if src not in CONFIRM_SOURCES:
         raise DermError(
             f"Unknown confirmation source {echo(source)}: expected one of "

@@ -11,6 +11,7 @@ elsewhere shows it here — including the share of images the unreliable-predict
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -240,9 +241,21 @@ def _write(
 
 
 def check_out(out: Path | str | None) -> None:
-    """Refuse an output path that is an existing file before any work is done."""
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
+    """Refuse, before any work is done, an output path that cannot become a folder: an
+    existing file, or one under a file or an unwritable folder (found only after a whole
+    evaluation otherwise)."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
         raise DataError(f"--out {out} is an existing file; give a folder for metrics.json.")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"--out {out}: {existing} is a file, not a folder; give another --out.")
+    if not os.access(existing, os.W_OK):
+        raise DataError(f"--out {out}: cannot write into {existing}; give another --out.")
 
 
 def plot_confusion(metrics: dict, path: Path) -> None:

@@ -346,13 +346,17 @@ def detail_text(r: PredictionRecord) -> str:
     return "\n".join(lines)
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~>-])")
+#: Markdown punctuation, plus ``$`` (LaTeX math delimiters), ``:`` and ``@`` (GFM's autolinks of
+#: ``http://…`` and ``name@host``): each is shown as itself once backslash-escaped.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~>$:@-])")
+_WWW = re.compile(r"(?i)\b(www)\.")
 
 
 def escape_markdown(text: Any) -> str:
     """``text`` shown literally by a Markdown renderer: HTML escaped, Markdown punctuation
-    backslash-escaped (stored values such as the model version are not trusted)."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False))
+    backslash-escaped, never a link or math (stored values such as notes are not trusted)."""
+    escaped = _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False))
+    return _WWW.sub(r"\1\\.", escaped)
 
 
 def detail_markdown(r: PredictionRecord) -> str:

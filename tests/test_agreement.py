@@ -253,7 +253,7 @@ def test_cli_confirm_agreement_delete(db_url: str, capsys):
     assert "Melanoma sensitivity: 100.0 %" in out
 
     code, _, err = cli(["--db", db_url, "--confirm", str(a), "--dx", "mel"], capsys)
-    assert code == 2 and "Unknown confirmation source None" in err
+    assert code == 2 and "No confirmation source: say who confirmed it" in err
     code, _, err = cli(["--db", db_url, "--confirm", str(a), "--dx", "mel", "nv"], capsys)
     assert code == 2 and "exactly one --dx" in err
 

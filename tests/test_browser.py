@@ -76,10 +76,17 @@ def _serve(tiny_checkpoint, tmp_path_factory):
     db = tmp_path_factory.mktemp("browserdb") / "history.db"
     service = PredictionService.create(checkpoint, db_url=f"sqlite:///{db}")
     demo = make_frontend(service)
-    url = launch(demo, port=free_port(), quiet=True).local_url
-    yield service, url
-    demo.close()
-    service.close()
+    # served from another working directory, as a user or the container starts it: Gradio
+    # allows files under the working directory, which would hide a path the app forgot to allow
+    here = Path.cwd()
+    os.chdir(db.parent)
+    try:
+        url = launch(demo, port=free_port(), quiet=True).local_url
+        yield service, url
+    finally:
+        os.chdir(here)
+        demo.close()
+        service.close()
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +171,14 @@ def test_analyse_batch_history_agreement_about_in_a_real_browser(browser, served
     page.reload()
     page.get_by_role("button", name="Analyse", exact=True).wait_for()
 
+    # An example from the gallery fills the form (image, age, sex, site).
+    page.locator("#examples .thumbnail-item").nth(2).click()
+    page.locator("#input-image img").first.wait_for()
+    assert page.get_by_label("Age (years, optional)").input_value() != ""
+    assert "Error" not in page.locator("#input-image").inner_text()
+    page.reload()
+    page.get_by_role("button", name="Analyse", exact=True).wait_for()
+
     # Analyse: upload, fill the form, submit.
     row_id = _analyse(page, EXAMPLES_DIR / "ISIC_0029281.jpg", "35", "female", "back")
     probabilities = page.locator("#probabilities")
@@ -221,6 +236,11 @@ def test_analyse_batch_history_agreement_about_in_a_real_browser(browser, served
     detail.get_by_text("Confirmed diagnosis").wait_for()
     page.wait_for_timeout(500)
     _save(page, tmp_path, "history.png")
+    # a page number below 1 shows the newest page (no server error); the box then says 1
+    box = page.locator("#history-page input")
+    box.fill("-3")
+    box.press("Enter")
+    expect(box).to_have_value("1", timeout=WAIT_MS)
 
     # Agreement: the confirmed label counts.
     page.get_by_role("tab", name="Agreement").click()
@@ -261,6 +281,10 @@ def test_analyse_batch_history_agreement_about_in_a_real_browser(browser, served
         _save(phone, tmp_path, name)
     phone.close()
     _no_server_errors(capfd)
+
+
+#: A note as a lab book might hold it: a formula, a link, dollar signs, a LaTeX fraction, an email.
+NOTE = r'excised, see lab 12: =HYPERLINK("http://x","click") $5 then $10; $$\frac{1}{2}$$ a@b.org'
 
 
 def _no_server_errors(capfd) -> None:
@@ -353,11 +377,14 @@ def test_records_forms_dropdowns_and_delete_in_a_real_browser(browser, served, t
     assert dx.input_value() == "" and note.input_value() == ""
     _type_choice(page, "Confirmed diagnosis", "mel")  # the code in brackets counts as exact
     _choose(page, "Confirmed by", "histopathology")
-    note.fill("excised, see lab 12")
+    note.fill(NOTE)
     record_btn.click()
     page.locator("#history-status").get_by_text("recorded").wait_for()
     stored = service.get(first)
-    assert (stored.confirmed_dx, stored.confirmed_note) == ("mel", "excised, see lab 12")
+    assert (stored.confirmed_dx, stored.confirmed_note) == ("mel", NOTE)
+    # the note is shown as typed: no link, no math, no stray backslash
+    detail.get_by_text("Confirmed diagnosis").wait_for()
+    assert NOTE in detail.inner_text() and detail.locator("a").count() == 0
 
     # a click on the other row: its (empty) confirmation, not the first one's
     table.get_by_role("gridcell", name=str(second), exact=True).first.click()
@@ -370,9 +397,9 @@ def test_records_forms_dropdowns_and_delete_in_a_real_browser(browser, served, t
 
     # back to the first: its stored confirmation is shown
     open_by_id(first)
-    expect(note).to_have_value("excised, see lab 12", timeout=WAIT_MS)
+    expect(note).to_have_value(NOTE, timeout=WAIT_MS)
     assert dx.input_value() == "Melanoma (mel)" and source.input_value() == "histopathology"
-    assert note.input_value() == "excised, see lab 12"
+    assert note.input_value() == NOTE
     # another id put in the box without typing (pasted with the mouse, autofill): the first
     # record's detail and form close, nothing can be sent for the id in the box
     pick.fill(str(second))

@@ -164,6 +164,14 @@ def test_evaluate_refuses_an_existing_file_as_out_before_evaluating(tmp_path, ca
     assert code == 2
     assert err.count("\n") == 0 and "is an existing file" in err
     assert target.read_text() == "{}"
+    # a folder under a file cannot be made either: refused first, not after the evaluation
+    under = target / "sub"
+    code = run_cli(
+        main,
+        ["--data-dir", str(tmp_path), "--checkpoint", str(tmp_path / "nope"), "--out", str(under)],
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "is a file, not a folder" in err
 
 
 def test_audit_is_stored_and_shown(synthetic_ham: Path, tmp_path: Path):

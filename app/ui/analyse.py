@@ -259,6 +259,7 @@ def _analyse_inputs(classes: ClassSet = HAM7) -> Components:
             image_mode=None,
             sources=["upload", "webcam", "clipboard"],
             height=280,
+            elem_id="input-image",
         )
     )
     with gr.Row():

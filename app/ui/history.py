@@ -281,7 +281,6 @@ def _history_listing() -> tuple[Components, dict[str, gr.Button]]:
         ui["page"] = gr.Number(
             value=1,
             precision=0,
-            minimum=1,
             label="Page (1 = newest)",
             show_label=False,
             container=False,
@@ -309,7 +308,7 @@ def _history_detail() -> tuple[Components, gr.Button]:
     ui["detail_image"] = shown_image("Stored image and heatmap", None, "history-image", False)
     with gr.Row(equal_height=False):
         with gr.Column(min_width=300):
-            ui["detail"] = gr.Markdown(elem_id="history-detail")
+            ui["detail"] = gr.Markdown(elem_id="history-detail", latex_delimiters=[])
         with gr.Column(min_width=300):
             ui["detail_probabilities"] = gr.HTML(elem_id="history-probabilities")
             ui["detail_chart"] = shown_image("Metadata contributions", None, "history-chart", False)
