@@ -198,7 +198,15 @@ def show_rows(db: Database, f: HistoryFilter, args: argparse.Namespace) -> None:
         rows = query_predictions(
             session, f, limit=args.limit, offset=args.offset, images=args.format == "json"
         )
-        total = count_predictions(session, f) if args.format == "table" else len(rows)
+        full_page = len(rows) >= args.limit
+        total = count_predictions(session, f) if args.format == "table" or full_page else len(rows)
+    if args.format in ("json", "csv") and total > args.offset + len(rows):
+        # on stderr, so that the CSV / JSON on stdout stays clean: an export is not cut silently
+        print(
+            f"note: rows {args.offset + 1}-{args.offset + len(rows)} of {total} matching; "
+            "use --limit / --offset for the others",
+            file=sys.stderr,
+        )
     if args.format == "json":
         print(json.dumps([record_dict(r, include_heatmap=True) for r in rows], indent=2))
     elif args.format == "csv":

@@ -214,10 +214,15 @@ def test_query_filters_csv_stats_and_env_default(
     assert only["id"] == 3 and only["has_thumbnail"] is False and only["heatmap_png_base64"]
     code, out, _ = run(query_history.main, ["--age-min", "50", "--format", "json"], capsys)
     assert [r["id"] for r in json.loads(out)] == [3]
-    code, out, _ = run(
+    code, out, err = run(
         query_history.main, ["--limit", "1", "--offset", "1", "--format", "json"], capsys
     )
     assert [r["id"] for r in json.loads(out)] == [2]
+    assert "note: rows 2-2 of 3 matching" in err  # a cut export says so, beside stdout
+    code, out, err = run(query_history.main, ["--limit", "2", "--format", "csv"], capsys)
+    assert len(list(csv.DictReader(io.StringIO(out)))) == 2 and "of 3 matching" in err
+    code, out, err = run(query_history.main, ["--limit", "3", "--format", "csv"], capsys)
+    assert err == ""  # everything exported: nothing to say
     code, out, _ = run(
         query_history.main, ["--since", "2000-01-01", "--until", "2000-12-31"], capsys
     )
