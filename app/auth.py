@@ -127,18 +127,19 @@ class ThrottledLogin:
             return
         client = client_of(scope)
         await self.throttle.wait(client)
-        status: list[int] = []
 
         async def watch(message: dict[str, Any]) -> None:
+            # the count changes before the answer leaves: a client that has its answer (and
+            # tries again at once) is already judged by it
             if message.get("type") == "http.response.start":
-                status.append(int(message["status"]))
+                status = int(message["status"])
+                if status < 300:
+                    self.throttle.success(client)
+                elif status in (400, 401, 403):
+                    self.throttle.failure(client)
             await send(message)
 
         await self.app(scope, receive, watch)
-        if status and status[0] < 300:
-            self.throttle.success(client)
-        elif status and status[0] in (400, 401, 403):
-            self.throttle.failure(client)
 
 
 def basic_credentials(header: str | None) -> tuple[str, str] | None:
