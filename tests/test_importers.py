@@ -677,3 +677,12 @@ def test_an_explicit_split_file_keeps_the_official_split(tmp_path, monkeypatch):
     table, sources, _ = load_sources(tmp_path / "d7", tmp_path / "unused.csv")
     assert list(table["split"]) == ["train", "train", "val", "test"]
     assert not (tmp_path / "unused.csv").exists()
+
+
+def test_missing_images_are_counted_and_warned_about(tmp_path):
+    src = isic2019(tmp_path / "src")
+    (src / "ISIC_2019_Training_Input" / "ISIC_0000001.jpg").unlink()  # a part not unzipped
+    lines: list[str] = []
+    manifest = import_dataset(src, "isic2019", tmp_path / "out", echo=lines.append)
+    assert manifest["dropped"]["reasons"]["image file not found"] == 1
+    assert any(line.startswith("warning: 1 listed image(s) were not found") for line in lines)

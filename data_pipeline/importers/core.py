@@ -551,6 +551,12 @@ def report(manifest: dict[str, Any], echo: Callable[[str], None] = print) -> Non
         echo(f"dropped {dropped['total']} row(s):")
         for reason, n in dropped["reasons"].items():
             echo(f"  {n:6d}  {reason}")
+        missing = dropped["reasons"].get("image file not found", 0)
+        if missing:
+            echo(
+                f"warning: {missing} listed image(s) were not found: is part of the download "
+                "missing (an unzipped images folder, e.g. one of several image parts)?"
+            )
     if manifest["set_unknown"]:
         echo("values set to unknown (rows kept):")
         for value, n in manifest["set_unknown"].items():
