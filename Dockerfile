@@ -2,7 +2,8 @@
 # Research and education only — not a diagnosis.
 #
 #   docker build -t dermfusion .
-#   docker run -p 7860:7860 -e DERMFUSION_AUTH=alice:s3cret dermfusion
+#   docker run -p 7860:7860 -e DERMFUSION_AUTH_FILE=/run/secrets/auth \
+#       -v "$PWD/dermfusion_auth.txt:/run/secrets/auth:ro" dermfusion   # logins never in env
 #   docker compose up            # with PostgreSQL (compose.yaml)
 #
 # The install steps are docker/install.sh, which CI also runs (tests/test_hosting_install.py):

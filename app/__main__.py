@@ -4,7 +4,7 @@
     python -m app --checkpoint runs/fusion --db sqlite:///history.db --port 7861
     python -m app --share --auth alice:s3cret       # temporary public link, password protected
     python -m app --host 0.0.0.0 --auth-file /run/secrets/dermfusion_auth --root-path /dermfusion
-    DERMFUSION_DB_URL=postgresql://app:pw@db/dermfusion python -m app   # configured by environment
+    DERMFUSION_DB_URL=postgresql+psycopg://app@db/dermfusion python -m app   # by environment
 
 One server on --port: the web app at /, the REST API at /api/v1 (schema: /api/v1/openapi.json,
 page: /api/v1/docs) and GET /healthz (liveness + database reachability, no login). Each flag can
@@ -91,6 +91,19 @@ def exposure_warnings(host: str, share: bool, auth: Any) -> list[str]:
             "and browse its prediction history. Add --auth USER:PASSWORD."
         )
     return out
+
+
+def _size(n: int) -> str:
+    """Bytes as the start-up line shows them: 20 MB, 500 kB, 900 bytes (never "0 MB")."""
+    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("kB", 1024)):
+        if n >= size:
+            value = n / size
+            return (
+                f"{value:.0f} {unit}"
+                if value >= 10 or value == int(value)
+                else f"{value:.1f} {unit}"
+            )
+    return f"{n} bytes"
 
 
 def launch(
@@ -211,7 +224,9 @@ class AppServer:
         async def healthz(_: Request) -> JSONResponse:
             from starlette.concurrency import run_in_threadpool
 
-            status, body = await run_in_threadpool(health, self.service, self.probe)
+            status, body = await run_in_threadpool(
+                health, self.service, self.probe, self.lifecycle.draining
+            )
             return JSONResponse(body, status_code=status)
 
         self._routes = lambda: [Route("/healthz", healthz, methods=["GET"])]
@@ -300,7 +315,7 @@ def run(argv: list[str] | None = None) -> int:
         f"DermFusion {__version__}: model {service.predictor.version} on "
         f"{service.predictor.runtime}; history database {db_url}; {settings.concurrency} at "
         f"once, {settings.max_queue} may wait, uploads up to "
-        f"{settings.max_file_size / 1024**2:.0f} MB; {login}"
+        f"{_size(settings.max_file_size)}; {login}"
         + (f"; served under {settings.root_path}" if settings.root_path else ""),
         flush=True,
     )

@@ -464,7 +464,8 @@ def _auth(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[tuple[s
 
 
 def _with_password(url: str | None, password_file: Path | None) -> str | None:
-    """``url`` with the password read from ``password_file`` (escaped as a URL needs)."""
+    """``url`` with the password read from ``password_file`` (:func:`db.session.
+    with_password_file`, which the CLIs use too)."""
     if password_file is None:
         return url
     if not url:
@@ -472,20 +473,12 @@ def _with_password(url: str | None, password_file: Path | None) -> str | None:
             f"${ENV['db_password_file']} / --db-password-file needs a database URL "
             f"(${ENV['db']} or --db) to put the password into."
         )
-    try:
-        password = Path(password_file).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f"The database password file {password_file} cannot be read ({type(exc).__name__})."
-        ) from None
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from db.session import with_password_file
 
     try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigError("The database URL cannot be parsed (see --db).") from None
-    return parsed.set(password=password).render_as_string(hide_password=False)
+        return with_password_file(url, password_file)
+    except DermError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:

@@ -3,7 +3,8 @@
 ``/healthz`` answers without a login (a container orchestrator or load balancer calls it) and
 says no more than it must: the versions, the runtime, the database backend and whether a fresh
 connection to it answers ``SELECT 1`` — 200 when it does, 503 when it does not (the app cannot
-store predictions then). It never shows the database URL or its host.
+store predictions then), and 503 ``draining`` once SIGTERM arrived. It never shows the database
+URL, host or port (why a connection failed goes to the server log).
 
 :class:`Lifecycle` counts requests in flight (REST calls; the Gradio queue reports its own jobs),
 refuses new REST calls while draining, and :meth:`Lifecycle.drain` waits for both to finish
@@ -13,6 +14,7 @@ before the server is closed.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +39,7 @@ class DatabaseProbe:
 
     def __init__(self, url: str) -> None:
         self.backend = url.split(":", 1)[0].split("+", 1)[0]
+        self._logged: str | None = None  # the failure last written to the server log
         self.engine: Engine | None
         # a server that does not answer must not hang the probe (and the orchestrator's check)
         kwargs: dict[str, Any] = {"poolclass": NullPool}
@@ -48,13 +51,21 @@ class DatabaseProbe:
             self.engine = None
 
     def check(self) -> tuple[bool, str | None]:
+        """(reachable, reason). The driver's message names the server's host and port, which an
+        unauthenticated caller must not learn: it goes to the server log (once per new
+        message), the caller gets only that the connection failed."""
         if self.engine is None:
-            return False, "cannot be opened"
+            return False, "it cannot be opened"
         try:
             with self.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except (SQLAlchemyError, OSError) as exc:
-            return False, error_reason(exc)
+            detail = error_reason(exc)
+            if detail != self._logged:
+                print(f"healthz: the history database is unreachable: {detail}", file=sys.stderr)
+                self._logged = detail
+            return False, "a fresh connection failed; the server log says why"
+        self._logged = None
         return True, None
 
     def dispose(self) -> None:
@@ -62,14 +73,20 @@ class DatabaseProbe:
             self.engine.dispose()
 
 
-def health(service: PredictionService, probe: DatabaseProbe | None) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, JSON body) of ``/healthz``."""
+def health(
+    service: PredictionService, probe: DatabaseProbe | None, draining: bool = False
+) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, JSON body) of ``/healthz``; 503 ``draining`` once SIGTERM arrived, so a
+    load balancer stops sending work to a replica that is stopping."""
     body: dict[str, Any] = {
         "status": "ok",
         "version": __version__,
         "model_version": service.predictor.version,
         "runtime": service.predictor.runtime,
     }
+    if draining:
+        body["status"] = "draining"
+        return 503, body
     if probe is None:
         body["database"] = {"configured": False}
         return 200, body

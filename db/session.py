@@ -41,6 +41,9 @@ from common.errors import DatabaseError, DermError
 
 DEFAULT_DB_URL = "sqlite:///predictions.db"
 DB_URL_ENV = "SKIN_DB_URL"
+#: The deployment's variables (docs/deploy/configuration.md): the CLIs read them as the app does.
+DEPLOY_DB_URL_ENV = "DERMFUSION_DB_URL"
+DB_PASSWORD_FILE_ENV = "DERMFUSION_DB_PASSWORD_FILE"
 #: Seconds a SQLite connection waits for another writer before giving up.
 SQLITE_TIMEOUT_S = 30
 #: Optional dependency groups (``pip install -e ".[NAME]"``) holding a backend's driver.
@@ -61,18 +64,42 @@ def missing_driver(url: URL, exc: ImportError) -> DatabaseError:
     backend = url.get_backend_name()
     module = exc.name or str(exc)
     extra = DRIVER_EXTRAS.get(backend)
-    fix = f'pip install -e ".[{extra}]"' if extra else f"pip install {module}"
+    pip = ".venv/bin/python -m pip install"  # the project's environment (setup.sh)
+    fix = f'{pip} -e ".[{extra}]"' if extra else f"{pip} {module}"
     return DatabaseError(
         f"The database driver for {url.drivername} ({module}) is not installed: run {fix}."
     )
 
 
 def resolve_db_url(url: str | None = None) -> str:
-    """Explicit ``url`` > ``$SKIN_DB_URL`` > :data:`DEFAULT_DB_URL`."""
+    """Explicit ``url`` > ``$DERMFUSION_DB_URL`` (with the password of
+    ``$DERMFUSION_DB_PASSWORD_FILE`` when set, as the app takes them) > ``$SKIN_DB_URL`` >
+    :data:`DEFAULT_DB_URL`. So a CLI run beside a configured deployment opens its database."""
     if url is not None and str(url).strip():
         return str(url).strip()
+    deploy = os.environ.get(DEPLOY_DB_URL_ENV, "").strip()
+    if deploy:
+        return with_password_file(deploy, os.environ.get(DB_PASSWORD_FILE_ENV, "").strip())
     env = os.environ.get(DB_URL_ENV, "").strip()
     return env or DEFAULT_DB_URL
+
+
+def with_password_file(url: str, password_file: str | Path | None) -> str:
+    """``url`` with the password read from ``password_file`` (escaped as a URL needs); ``url``
+    itself when no file is given."""
+    if not password_file:
+        return url
+    try:
+        password = Path(password_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DermError(
+            f"The database password file {password_file} cannot be read ({type(exc).__name__})."
+        ) from None
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DermError("The database URL cannot be parsed (see --db).") from None
+    return parsed.set(password=password).render_as_string(hide_password=False)
 
 
 def parse_url(url: str) -> URL:

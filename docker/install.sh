@@ -96,4 +96,8 @@ assert (SHIPPED_DIR / 'config.json').is_file(), 'shipped model missing from the 
 assert (SHIPPED_DIR / ONNX_FILE).is_file(), 'ONNX export missing from the package'
 print('installed at', app.__file__.rsplit('/', 2)[0], '; shipped model', SHIPPED_DIR)
 \""
-echo "DermFusion installed in $VENV"
+if [[ $DRY -eq 1 ]]; then
+  echo "dry run: nothing was installed (the steps above would install DermFusion in $VENV)"
+else
+  echo "DermFusion installed in $VENV"
+fi

@@ -100,6 +100,22 @@ def test_db_url_precedence(monkeypatch):
     assert resolve_db_url("sqlite:///explicit.db") == "sqlite:///explicit.db"
 
 
+def test_clis_read_the_deployments_variables(monkeypatch, tmp_path: Path):
+    # a CLI run beside a deployment configured by docs/deploy/configuration.md opens its database
+    monkeypatch.setenv(DB_URL_ENV, "sqlite:////tmp/old_name.db")
+    monkeypatch.setenv("DERMFUSION_DB_URL", "postgresql+psycopg://app@db/dermfusion")
+    monkeypatch.delenv("DERMFUSION_DB_PASSWORD_FILE", raising=False)
+    assert resolve_db_url(None) == "postgresql+psycopg://app@db/dermfusion"
+    secret = tmp_path / "pw"
+    secret.write_text("p@ss/w:rd\n")
+    monkeypatch.setenv("DERMFUSION_DB_PASSWORD_FILE", str(secret))
+    assert resolve_db_url(None) == "postgresql+psycopg://app:p%40ss%2Fw%3Ard@db/dermfusion"
+    assert resolve_db_url("sqlite:///x.db") == "sqlite:///x.db"  # --db wins as a whole
+    monkeypatch.setenv("DERMFUSION_DB_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(DermError, match=r"password file .* cannot be read"):
+        resolve_db_url(None)
+
+
 def test_sqlite_file_gets_parent_dirs_and_pragmas(tmp_path: Path):
     database = Database(f"sqlite:///{tmp_path / 'sub' / 'history.db'}")
     assert (tmp_path / "sub" / "history.db").is_file()

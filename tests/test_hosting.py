@@ -4,6 +4,7 @@ without a login), and a clean SIGTERM of a real ``python -m app`` process."""
 
 from __future__ import annotations
 
+import json
 import signal
 import tempfile
 import threading
@@ -554,3 +555,30 @@ def test_healthz_and_rest_on_postgresql(tiny_checkpoint, postgres_url):
         assert service.count() == 1
     finally:
         server.close()
+
+
+def test_healthz_names_no_host_and_says_draining(capsys):
+    from types import SimpleNamespace
+
+    from app.health import DatabaseProbe, health
+
+    service = SimpleNamespace(predictor=SimpleNamespace(version="m@1", runtime="onnx"))
+    probe = DatabaseProbe("postgresql+psycopg://app@127.0.0.1:1/dermfusion")  # nothing listens
+    try:
+        status, body = health(service, probe)  # type: ignore[arg-type]
+        assert status == 503 and body["database"]["reachable"] is False
+        shown = json.dumps(body)
+        assert "127.0.0.1" not in shown and ":1" not in shown and "port" not in shown
+        assert "127.0.0.1" in capsys.readouterr().err  # the operator's log has the reason
+        health(service, probe)  # type: ignore[arg-type]
+        assert capsys.readouterr().err == ""  # logged once, not at every check
+    finally:
+        probe.dispose()
+    status, body = health(service, None, draining=True)  # type: ignore[arg-type]
+    assert status == 503 and body["status"] == "draining"
+
+
+def test_start_up_line_shows_small_upload_limits():
+    from app.__main__ import _size
+
+    assert [_size(n) for n in (20 * 1024**2, 512_000, 900)] == ["20 MB", "500 kB", "900 bytes"]
