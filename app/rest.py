@@ -48,7 +48,7 @@ from app.ui.demo import BUSY_MESSAGE
 from common.errors import DatabaseError, DermError
 from common.version import __version__
 from data_pipeline.request import PredictionRequest
-from db.queries import HistoryFilter
+from db.queries import FILTER_FIELDS, HistoryFilter
 from service import history
 from service.prediction import PredictionService, StorageError
 from service.report import case_report_pdf, report_filename
@@ -57,20 +57,9 @@ API_PREFIX = "/api/v1"
 DRAINING_MESSAGE = "The server is shutting down; try again in a moment."
 #: Rows one listing page may hold.
 PAGE_LIMIT = 1000
-#: The history filters the list and CSV endpoints take (:class:`db.queries.HistoryFilter`).
-_FILTER_PARAMS = (
-    "since",
-    "until",
-    "classes",
-    "min_prob",
-    "max_prob",
-    "sex",
-    "site",
-    "age_min",
-    "age_max",
-    "model_version",
-    "confirmed",
-)
+#: The history filters the list and CSV endpoints take (:class:`db.queries.HistoryFilter`'s, but
+#: the batch id).
+_FILTER_PARAMS = tuple(name for name in FILTER_FIELDS if name != "batch_id")
 #: Largest row id any backend holds (SQLite's 64-bit INTEGER).
 MAX_ID = 2**63 - 1
 #: Bytes of multipart framing allowed on top of the largest upload.

@@ -31,6 +31,9 @@ METADATA_FILENAME = "HAM10000_metadata.csv"
 #: The dataset manifest an import writes beside the CSV; its ``classes`` list
 #: (``[{code, name, malignant}]``, label order) declares a class set other than HAM10000's.
 MANIFEST_FILENAME = "dataset.json"
+#: ISIC 2019 files some ISIC images as ``ISIC_xxxxxxx_downsampled``: the same image as
+#: ``ISIC_xxxxxxx`` of ISIC 2017 / 2018 (the importers find either; the leak check compares both).
+DOWNSAMPLED_SUFFIX = "_downsampled"
 REQUIRED_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx")
 #: Optional columns of an imported folder, read as strings ('' when blank).
 OPTIONAL_COLUMNS: tuple[str, ...] = ("patient_id", "split", "source_label")

@@ -29,6 +29,7 @@ import pandas as pd
 
 from common.errors import DataError
 from data_pipeline.ham10000 import (
+    DOWNSAMPLED_SUFFIX,
     declared_classes,
     find_metadata_csv,
     folder_classes,
@@ -114,9 +115,8 @@ def _describe(df: pd.DataFrame, folder: Path, role: str, name: str, classes: Cla
 
 
 def _image_key(image_ids: pd.Series) -> pd.Series:
-    """Image ids compared across sources: ISIC 2019 names some ISIC images
-    ``ISIC_xxxxxxx_downsampled`` — the same image as ``ISIC_xxxxxxx`` of ISIC 2017 / 2018."""
-    return image_ids.astype(str).str.removesuffix("_downsampled")
+    """Image ids compared across sources (:data:`DOWNSAMPLED_SUFFIX`: one image, two ids)."""
+    return image_ids.astype(str).str.removesuffix(DOWNSAMPLED_SUFFIX)
 
 
 def _check_no_leak(df: pd.DataFrame) -> None:

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
@@ -284,25 +284,17 @@ class HistoryFilter:
     def describe(self) -> str:
         """Short human-readable summary, e.g. for a table footer."""
         parts = []
-        for name in (
-            "since",
-            "until",
-            "classes",
-            "min_prob",
-            "max_prob",
-            "sex",
-            "site",
-            "age_min",
-            "age_max",
-            "model_version",
-            "confirmed",
-            "batch_id",
-        ):
+        for name in FILTER_FIELDS:
             value = getattr(self, name)
             if value not in (None, []):
                 shown = ",".join(value) if isinstance(value, list) else str(value)
                 parts.append(f"{name}={clip(shown)}")
         return " ".join(parts) or "no filter"
+
+
+#: The filters a :class:`HistoryFilter` has, in its order (the REST API's query parameters are
+#: these but ``batch_id``).
+FILTER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(HistoryFilter))
 
 
 def _check_page(limit: int, offset: int) -> None:
@@ -398,11 +390,11 @@ def model_class_sets(session: Session) -> dict[str, ClassSet]:
     return out
 
 
-def stored_classes(session: Session) -> tuple[str, ...]:
-    """Every class code the stored rows' models have, sorted: their ``model_classes`` entries,
-    else (rows stored before migration 5) one row's probabilities per model version, and the
-    stored top classes."""
-    sets = model_class_sets(session)
+def stored_classes(session: Session, sets: dict[str, ClassSet] | None = None) -> tuple[str, ...]:
+    """Every class code the stored rows' models have, sorted: their ``model_classes`` entries
+    (``sets`` when already read), else (rows stored before migration 5) one row's
+    probabilities per model version, and the stored top classes."""
+    sets = model_class_sets(session) if sets is None else sets
     codes = {c for classes in sets.values() for c in classes.codes}
     versions = session.scalars(select(PredictionRecord.model_version).distinct())
     older = [str(v) for v in versions if str(v) not in sets]
@@ -417,9 +409,10 @@ def remember_stored_classes(session: Session) -> None:
     """Make the class sets and codes this database holds known to this process: stored rows of
     models not loaded here show their models' names, and filters and confirmed diagnoses accept
     their codes."""
-    for version, classes in model_class_sets(session).items():
+    sets = model_class_sets(session)
+    for version, classes in sets.items():
         remember_classes(version, classes, stored=True)
-    remember_codes(stored_classes(session))
+    remember_codes(stored_classes(session, sets))
 
 
 def _storable_ids(session: Session, ids: list[int]) -> list[int]:

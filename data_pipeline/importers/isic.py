@@ -42,6 +42,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.errors import DataError
+from data_pipeline.ham10000 import DOWNSAMPLED_SUFFIX
 from data_pipeline.importers.core import (
     ClassInfo,
     Row,
@@ -190,9 +191,6 @@ def _sites(table: dict[str, str | None]) -> tuple:
     return dict_map(table), (lambda raw: clean(raw) in known)
 
 
-_DOWNSAMPLED = "_downsampled"
-
-
 @dataclass
 class _Release:
     """A challenge release split in parts (training, validation, test), as it is read: each
@@ -241,12 +239,12 @@ class _Release:
         return read_csv(path, (key,)).drop_duplicates(key).set_index(key).to_dict("index")
 
     def image(self, image_id: str) -> Path | None:
-        """The file of a ground-truth id. ISIC 2019's input folder holds some MSK images as
-        ``ISIC_xxxxxxx_downsampled.jpg``; an id given with or without that suffix finds it."""
-        base = image_id.removesuffix(_DOWNSAMPLED)
+        """The file of a ground-truth id, given with or without :data:`DOWNSAMPLED_SUFFIX` (ISIC
+        2019's input folder holds some MSK images as ``ISIC_xxxxxxx_downsampled.jpg``)."""
+        base = image_id.removesuffix(DOWNSAMPLED_SUFFIX)
         return (
             self.images.get(image_id)
-            or self.images.get(base + _DOWNSAMPLED)
+            or self.images.get(base + DOWNSAMPLED_SUFFIX)
             or self.images.get(base)
         )
 
@@ -568,15 +566,22 @@ def read_isic_archive(src: Path) -> Spec:
         )
     images = index_images(src)
 
+    # read once, used for every row: the hierarchical terms and the older general sites
+    terms, general_sites = {clean(k) for k in ARCHIVE_SITE_TERMS}, {clean(k) for k in ISIC_SITES}
+    general_site = dict_map(ISIC_SITES)
+
+    def hierarchical_site(raw: str) -> bool:
+        return ":" in raw or clean(raw) in terms
+
     def site_of(raw: str) -> str | None:
-        if ":" in raw or clean(raw) in {clean(k) for k in ARCHIVE_SITE_TERMS}:
+        if hierarchical_site(raw):
             return _deepest(raw, ARCHIVE_SITE_TERMS, ":", skip_first=False) or None
-        return dict_map(ISIC_SITES)(raw)
+        return general_site(raw)
 
     def known(raw: str) -> bool:
-        if ":" in raw or clean(raw) in {clean(k) for k in ARCHIVE_SITE_TERMS}:
+        if hierarchical_site(raw):
             return _deepest(raw, ARCHIVE_SITE_TERMS, ":", skip_first=False) is not None
-        return clean(raw) in {clean(k) for k in ISIC_SITES}
+        return clean(raw) in general_sites
 
     rows: list[Row] = []
     native_names: dict[str, tuple[str, bool]] = {}
